@@ -1,0 +1,52 @@
+"""The ``selfsup`` command: LightningCLI for ``fit``/``validate``.
+
+    selfsup fit --config recipes/demo/simclr.yaml [--trainer.max_epochs 5] [--ckpt_path last]
+
+The YAML keys are the ``__init__`` arguments of the model (an :class:`SSLMethod` subclass), the
+:class:`SSLDataModule` and the Trainer, as LightningCLI exposes them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from selfsup.data.datamodule import SSLDataModule
+from selfsup.methods.base import SSLMethod
+
+warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+
+
+class SelfSupCLI(LightningCLI):
+    """LightningCLI with selfsup's defaults: CSV logs, a rich progress bar, and a ``last.ckpt`` in a
+    fixed ``<default_root_dir>/checkpoints`` so ``--ckpt_path last`` finds it on resume."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_epochs": 1})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir or "runs/default"
+        config.trainer.default_root_dir = root
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+
+
+def trainer_defaults() -> dict:
+    return {
+        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs/default"}},
+    }
+
+
+def main(args: list[str] | None = None) -> None:
+    SelfSupCLI(SSLMethod, SSLDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(),
+               save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""SSLDataModule: pretraining batches of views, plus labelled splits for probes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from selfsup.data.datasets import UnreadableImage, source
+from selfsup.data.transforms import ContrastiveViews, EvalView, Preprocessing, ViewTransform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """A batch of views. ``labels`` is -1 where unknown; ``skipped`` counts unreadable files dropped."""
+
+    views: list[Tensor]
+    labels: Tensor
+    index: Tensor
+    skipped: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+class ViewDataset(Dataset):
+    """Applies a view transform to a source; an unreadable image becomes ``None`` (a counted skip)."""
+
+    def __init__(self, images: Dataset, views: ViewTransform, strict: bool = False):
+        self.images, self.views, self.strict = images, views, strict
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        try:
+            image, label = self.images[index]
+        except UnreadableImage as err:
+            if self.strict:
+                raise
+            log.warning("skipping unreadable image: %s", err)
+            return None
+        return self.views(image), label, index
+
+
+def collate_views(samples: list) -> Batch:
+    """Stack views of the readable samples; count the unreadable ones."""
+    good = [s for s in samples if s is not None]
+    skipped = len(samples) - len(good)
+    if not good:
+        return Batch(views=[], labels=torch.empty(0, dtype=torch.long), index=torch.empty(0, dtype=torch.long),
+                     skipped=skipped)
+    views = [torch.stack([s[0][v] for s in good]) for v in range(len(good[0][0]))]
+    labels = torch.tensor([s[1] for s in good], dtype=torch.long)
+    return Batch(views=views, labels=labels, index=torch.tensor([s[2] for s in good]), skipped=skipped)
+
+
+class SSLDataModule(L.LightningDataModule):
+    """Pretraining views from ``dataset`` and, when it has labels, labelled train/test splits for probes.
+
+    Args:
+        dataset: a registered source: ``fashion_mnist_embedded`` (shipped), ``fashion_mnist`` (IDX files),
+            ``folder`` (image folder), ``cifar10``, ``cifar100`` or ``stl10``.
+        root: where the files are (not needed for the embedded set).
+        test_root: for ``folder``: a labelled folder to probe on.
+        views: how an image becomes views; default two SimCLR views.
+        image_size, mean, std, crop_pct, interpolation: the preprocessing, saved into checkpoints.
+            ``mean``/``std`` default to the dataset's own statistics.
+        batch_size: per device. The global batch is ``batch_size * devices * nodes * accumulation``.
+        strict_images: raise on an unreadable image instead of skipping and counting it.
+    """
+
+    def __init__(self, dataset: str = "fashion_mnist_embedded", root: str | None = None,
+                 test_root: str | None = None, views: ViewTransform | None = None, image_size: int = 32,
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 crop_pct: float = 1.0, interpolation: str = "bilinear", batch_size: int = 256,
+                 eval_batch_size: int = 512, num_workers: int = 2, strict_images: bool = False,
+                 drop_last: bool = True):
+        super().__init__()
+        self.spec = source(dataset)
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size={batch_size} must be a positive integer")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+        self.dataset, self.root, self.test_root = dataset, root, test_root
+        self.preprocessing = Preprocessing(image_size=image_size, mean=mean or self.spec.info.mean,
+                                           std=std or self.spec.info.std, crop_pct=crop_pct,
+                                           interpolation=interpolation)
+        self.views = views if views is not None else ContrastiveViews()
+        self.views.bind(self.preprocessing)
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.strict_images, self.drop_last = strict_images, drop_last
+        self._sources: dict[str, Dataset | None] = {}
+
+    # -- sources -------------------------------------------------------------------------------
+    def split(self, which: str) -> Dataset | None:
+        """The raw source for ``"train"`` or ``"test"`` (``None`` when the dataset has no such split)."""
+        if which not in self._sources:
+            train_split, test_split = self.spec.splits
+            if which == "train":
+                self._sources[which] = self.spec.build(train_split, root=self.root)
+            elif self.dataset == "folder":
+                self._sources[which] = self.spec.build("test", root=self.test_root) if self.test_root else None
+            else:
+                self._sources[which] = self.spec.build(test_split, root=self.root) if test_split else None
+        return self._sources[which]
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether probes can run: a labelled test split exists."""
+        return self.split("test") is not None
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes of the labelled splits, or ``None`` without labels."""
+        if not self.has_labels:
+            return None
+        classes = getattr(self.split("test"), "classes", None)
+        return len(classes) if classes else self.spec.info.num_classes
+
+    def setup(self, stage: str | None = None) -> None:
+        self.split("train")
+
+    # -- loaders -------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=self.num_workers, collate_fn=collate_views,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        train = ViewDataset(self.split("train"), self.views, self.strict_images)
+        if self.drop_last and len(train) < self.batch_size:
+            raise ValueError(f"the training set has {len(train)} images, fewer than data.batch_size="
+                             f"{self.batch_size}; lower the batch size or set data.drop_last=false")
+        return self._loader(train, self.batch_size, shuffle=True, drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The labelled test split with the eval transform, for the online probe."""
+        return self.probe_dataloader("test") if self.has_labels else []
+
+    def probe_dataloader(self, which: str) -> DataLoader:
+        """A labelled split (``"train"`` or ``"test"``) with the deterministic eval transform."""
+        images = self.split(which)
+        if images is None:
+            raise ValueError(f"dataset {self.dataset!r} has no labelled {which} split to probe on")
+        view = EvalView()
+        view.bind(self.preprocessing)
+        dataset = ViewDataset(images, view, self.strict_images)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=collate_views)

@@ -1,0 +1,218 @@
+"""Image sources: each is a map-style dataset of ``(image, label)`` pairs.
+
+An image is a ``uint8`` tensor ``(C, H, W)`` or a PIL image; ``label`` is ``-1`` for unlabeled data.
+A source that cannot decode one of its files raises :class:`UnreadableImage`, which the view
+dataset turns into a counted skip (see :mod:`selfsup.data.datamodule`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class UnreadableImage(Exception):
+    """An image file that could not be decoded; the data pipeline skips and counts it."""
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Facts about a source that the preprocessing defaults are derived from."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    num_classes: int | None = None
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    payload = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if payload.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: header says {shape}, found {payload.size} bytes")
+    return payload.reshape(shape)
+
+
+class ArrayImages(Dataset):
+    """Images held in memory as a ``uint8`` array ``(N, H, W)`` or ``(N, H, W, C)``."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None):
+        if images.ndim == 3:
+            images = images[:, None]
+        elif images.ndim == 4:
+            images = images.transpose(0, 3, 1, 2)
+        else:
+            raise ValueError(f"expected images of shape (N, H, W) or (N, H, W, C), got {images.shape}")
+        if len(images) == 0:
+            raise ValueError("the dataset is empty")
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], -1 if self.labels is None else int(self.labels[index])
+
+
+FASHION_MNIST_INFO = SourceInfo(mean=(0.2860,), std=(0.3530,), num_classes=10)
+
+
+def embedded_fashion_mnist(split: str, root: str | None = None) -> ArrayImages:
+    """The class-balanced Fashion-MNIST subset shipped in the package (10k train / 2k test)."""
+    _check_split(split, ("train", "test"))
+    with resources.files("selfsup.data.assets").joinpath("fashion_mnist_subset.npz").open("rb") as f:
+        arrays = np.load(f)
+        return ArrayImages(arrays[f"{split}_images"], arrays[f"{split}_labels"])
+
+
+def fashion_mnist(split: str, root: str | None = None) -> ArrayImages:
+    """The full Fashion-MNIST from a directory of IDX files (gzipped or not)."""
+    _check_split(split, ("train", "test"))
+    folder = _existing_dir(root, "fashion_mnist")
+    prefix = "train" if split == "train" else "t10k"
+
+    def find(kind: str) -> Path:
+        for name in (f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte.gz",
+                     f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"):
+            if (folder / name).exists():
+                return folder / name
+        raise FileNotFoundError(f"no {prefix}-{kind}-idx*-ubyte[.gz] in {folder}")
+
+    return ArrayImages(read_idx(find("images")), read_idx(find("labels")))
+
+
+class ImageFolder(Dataset):
+    """Images in a folder: labelled by sub-folder (``root/<class>/x.jpg``) or unlabeled (flat).
+
+    Files are found by extension. Decoding happens lazily; a file that fails to decode raises
+    :class:`UnreadableImage` so the pipeline can skip and count it.
+    """
+
+    def __init__(self, root: str | os.PathLike, labelled: bool | None = None):
+        self.root = _existing_dir(root, "folder")
+        subdirs = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        labelled = bool(subdirs) if labelled is None else labelled
+        if labelled and not subdirs:
+            raise ValueError(f"{self.root} has no class sub-folders; pass labelled=False for a flat folder")
+        self.classes = subdirs if labelled else []
+        files: list[tuple[str, int]] = []
+        for label, sub in enumerate(self.classes or [""]):
+            for dirpath, _, names in sorted(os.walk(self.root / sub, followlinks=True)):
+                files += [(os.path.join(dirpath, n), label if labelled else -1)
+                          for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.files[index]
+        return load_image(path), label
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode an image file to 8-bit RGB, or raise :class:`UnreadableImage` saying why."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                array = np.asarray(img, dtype=np.float64)
+                scale = 255.0 / max(array.max(), 1.0)
+                img = Image.fromarray((array * scale).astype(np.uint8), mode="L")
+            rgb = img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UnreadableImage(f"{path}: {err}") from err
+    if min(rgb.size) < 1:
+        raise UnreadableImage(f"{path}: empty image {rgb.size}")
+    return rgb
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error we count, not grey pixels
+
+
+def torchvision_dataset(name: str) -> Callable[..., Dataset]:
+    """CIFAR-10/100 or STL-10 from torchvision. ``download`` is off: point ``root`` at the files."""
+
+    def build(split: str, root: str | None = None, download: bool = False) -> Dataset:
+        import torchvision.datasets as tvd
+
+        folder = str(_existing_dir(root, name)) if not download else str(root or ".")
+        if name in ("cifar10", "cifar100"):
+            _check_split(split, ("train", "test"))
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            ds = cls(folder, train=split == "train", download=download)
+            return ArrayImages(ds.data, np.asarray(ds.targets))
+        _check_split(split, ("train", "test", "unlabeled", "train+unlabeled"))
+        ds = tvd.STL10(folder, split=split, download=download)
+        return ArrayImages(ds.data.transpose(0, 2, 3, 1), np.where(ds.labels < 0, -1, ds.labels))
+
+    return build
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    build: Callable[..., Dataset]
+    info: SourceInfo
+    splits: tuple[str, str | None]  # (pretraining split, labelled test split)
+
+
+SOURCES: dict[str, SourceSpec] = {
+    "fashion_mnist_embedded": SourceSpec(embedded_fashion_mnist, FASHION_MNIST_INFO, ("train", "test")),
+    "fashion_mnist": SourceSpec(fashion_mnist, FASHION_MNIST_INFO, ("train", "test")),
+    "cifar10": SourceSpec(torchvision_dataset("cifar10"),
+                          SourceInfo((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10), ("train", "test")),
+    "cifar100": SourceSpec(torchvision_dataset("cifar100"),
+                           SourceInfo((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100), ("train", "test")),
+    "stl10": SourceSpec(torchvision_dataset("stl10"),
+                        SourceInfo((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 10), ("train+unlabeled", "test")),
+    "folder": SourceSpec(lambda split, root=None: ImageFolder(root), SourceInfo(), ("train", None)),
+}
+
+
+def source(name: str) -> SourceSpec:
+    """Look up a registered source by name, with a helpful error."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(SOURCES)}")
+    return SOURCES[name]
+
+
+def _check_split(split: str, allowed: tuple[str, ...]) -> None:
+    if split not in allowed:
+        raise ValueError(f"split={split!r} is not one of {allowed}")
+
+
+def _existing_dir(root: Any, what: str) -> Path:
+    if root is None:
+        raise ValueError(f"dataset {what!r} needs a root directory (data.root)")
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"dataset path {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"dataset path {str(path)!r} is not a directory")
+    return path

@@ -1,0 +1,60 @@
+"""Linear probe on frozen features: multinomial logistic regression fitted by full-batch L-BFGS."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from selfsup.eval.knn import topk_accuracy
+
+
+def fit_logistic(features: Tensor, labels: Tensor, num_classes: int, weight_decay: float,
+                 max_iter: int = 100) -> tuple[Tensor, Tensor]:
+    """Weights ``(D, C)`` and bias ``(C,)`` minimising cross entropy + ``weight_decay/2 * |W|^2``."""
+    weight = torch.zeros(features.shape[1], num_classes, requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(features @ weight + bias, labels) + 0.5 * weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
+    """Scale every feature by the train split's mean and std (BatchNorm without affine, frozen)."""
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    return [(x - mean) / std for x in (train, *others)]
+
+
+def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
+                 weight_decays: tuple[float, ...] = (1e-4, 1e-3, 1e-2), holdout_fraction: float = 0.1,
+                 max_iter: int = 100, seed: int = 0) -> dict[str, float]:
+    """Test accuracy of a logistic-regression probe.
+
+    The weight decay is chosen on a held-out ``holdout_fraction`` of the train split (never on the
+    test split), then the probe is refitted on the whole train split.
+    """
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    train, test = standardise(train_features.float(), test_features.float())
+    best_wd = weight_decays[0]
+    if len(weight_decays) > 1:
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        n_hold = max(1, int(len(train) * holdout_fraction))
+        hold, fit = perm[:n_hold], perm[n_hold:]
+        accs = []
+        for wd in weight_decays:
+            w, b = fit_logistic(train[fit], train_labels[fit], num_classes, wd, max_iter)
+            accs.append(topk_accuracy(train[hold] @ w + b, train_labels[hold]))
+        best_wd = weight_decays[max(range(len(accs)), key=accs.__getitem__)]
+    w, b = fit_logistic(train, train_labels, num_classes, best_wd, max_iter)
+    scores = test @ w + b
+    return {"top1": topk_accuracy(scores, test_labels, 1), "top5": topk_accuracy(scores, test_labels, 5),
+            "weight_decay": best_wd}

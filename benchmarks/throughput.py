@@ -1,0 +1,74 @@
+"""SimCLR training-step throughput, with the data path included and excluded.
+
+Reference configuration (issue 2): timm resnet18 with the CIFAR stem, 32 px Fashion-MNIST, 2 views,
+batch 256, projector 512-512-128, SGD, fp32, 2 threads, 2 loader workers.
+
+    python benchmarks/throughput.py                       # fp32 and bf16 autocast, with and without data
+    python benchmarks/throughput.py --steps 2 --batch-size 16   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import count_flops, matmul_peak_gflops, report, time_steps  # noqa: E402
+
+from selfsup.data.datamodule import SSLDataModule  # noqa: E402
+from selfsup.methods.simclr import SimCLR  # noqa: E402
+from selfsup.models.encoder import Encoder  # noqa: E402
+
+
+def build(args: argparse.Namespace, channels_last: bool) -> tuple[SimCLR, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = SimCLR(Encoder(args.model, cifar_stem=True), proj_hidden_dim=512, proj_dim=128,
+                   channels_last=channels_last)
+    return model.train(), torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--memory-formats", default="channels_last,contiguous")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    data = SSLDataModule(batch_size=args.batch_size, num_workers=args.workers, image_size=32)
+    loader = data.train_dataloader()
+    batches = itertools.cycle(loader) if len(loader) * 1 < args.steps + 2 else iter(loader)
+    fixed = next(iter(loader))
+    for precision, memory_format in itertools.product(args.precisions.split(","), args.memory_formats.split(",")):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        model, opt = build(args, memory_format == "channels_last")
+
+        def step(batch) -> None:
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+            with autocast:
+                loss = model.training_loss(batch)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        flops = count_flops(lambda: step(fixed))
+        peak = matmul_peak_gflops(dtype)
+        for with_data in (True, False):
+            source = batches if with_data else itertools.repeat(fixed)
+            seconds = time_steps(step, source, args.steps)
+            report(f"simclr {args.model} {precision} {memory_format} {'with' if with_data else 'without'} data",
+                   args.batch_size, seconds, flops, peak, batch_size=args.batch_size, threads=args.threads,
+                   workers=args.workers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""SSLMethod's shared machinery, and the promise that a new method takes one short file."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from selfsup.data.datamodule import Batch, SSLDataModule
+from selfsup.methods.base import SSLMethod, warmup_cosine
+from selfsup.methods.simclr import SimCLR
+from selfsup.models.encoder import Encoder
+from selfsup.models.heads import MLP
+
+
+class VICReg(SSLMethod):
+    """VICReg (Bardes et al. 2022) in a few lines: invariance + variance + covariance terms."""
+
+    def __init__(self, encoder: Encoder, proj_dim: int = 64, sim_weight: float = 25.0, var_weight: float = 25.0,
+                 cov_weight: float = 1.0, **base):
+        super().__init__(encoder, **base)
+        self.projector = MLP(encoder.embed_dim, proj_dim, proj_dim, num_layers=2)
+        self.weights = (sim_weight, var_weight, cov_weight)
+
+    def training_loss(self, batch: Batch) -> dict[str, Tensor]:
+        h = self.encode_views(batch.views)
+        za, zb = self.projector(torch.cat(h)).float().chunk(2)
+        invariance = F.mse_loss(za, zb)
+        variance = sum(F.relu(1 - (z.var(0) + 1e-4).sqrt()).mean() for z in (za, zb)) / 2
+        covariance = sum(_off_diagonal(torch.cov(z.T)).pow(2).sum() / z.shape[1] for z in (za, zb))
+        loss = self.weights[0] * invariance + self.weights[1] * variance + self.weights[2] * covariance
+        return {"loss": loss, "invariance": invariance, "variance": variance, "features": h[0].detach()}
+
+
+def _off_diagonal(m: Tensor) -> Tensor:
+    return m - torch.diag(torch.diag(m))
+
+
+def _tiny_data(**kwargs) -> SSLDataModule:
+    return SSLDataModule(batch_size=kwargs.pop("batch_size", 16), num_workers=0, image_size=16, **kwargs)
+
+
+def _fit(model: SSLMethod, tmp_path, data=None, **trainer_kwargs) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                        **{"max_steps": 2, **trainer_kwargs})
+    trainer.fit(model, data or _tiny_data())
+    return trainer
+
+
+def test_new_method_in_one_short_file_trains(tmp_path):
+    model = VICReg(Encoder("resnet18"), base_lr=1e-3, warmup_epochs=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _fit(model, tmp_path, max_steps=3)
+    assert trainer.global_step == 3
+    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert any(k.startswith("encoder.") for k in changed) and any(k.startswith("projector.") for k in changed)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_lr_scales_with_global_batch_including_accumulation(tmp_path, accumulate):
+    model = SimCLR(Encoder("resnet18"), proj_hidden_dim=32, proj_dim=16, base_lr=0.3, warmup_epochs=0)
+    _fit(model, tmp_path, max_steps=1, accumulate_grad_batches=accumulate)
+    assert model.effective_lr == pytest.approx(0.3 * 16 * accumulate / 256)
+
+
+def test_lr_batch_denominator(tmp_path):
+    model = SimCLR(Encoder("resnet18"), proj_hidden_dim=32, proj_dim=16, base_lr=1e-3, lr_batch_denominator=512)
+    _fit(model, tmp_path, max_steps=1)
+    assert model.effective_lr == pytest.approx(1e-3 * 16 / 512)
+
+
+def test_warmup_then_cosine_per_step():
+    values = [warmup_cosine(s, warmup_steps=4, total_steps=12) for s in range(12)]
+    assert values[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert values[4] == pytest.approx(1.0)
+    assert values[8] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    assert warmup_cosine(12, 4, 12, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_schedule_is_applied_every_step(tmp_path):
+    model = SimCLR(Encoder("resnet18"), proj_hidden_dim=32, proj_dim=16, base_lr=0.256, warmup_epochs=0.004)
+    data = _tiny_data()
+    trainer = _fit(model, tmp_path, data=data, max_steps=5)
+    steps_per_epoch = len(data.train_dataloader())
+    warmup = round(0.004 * steps_per_epoch)
+    total = trainer.estimated_stepping_batches
+    expected = 0.256 * 16 / 256 * warmup_cosine(5, warmup, total)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "lars"])
+def test_bias_and_norm_get_no_weight_decay(tmp_path, optimizer):
+    model = SimCLR(Encoder("resnet18"), proj_hidden_dim=32, proj_dim=16, optimizer=optimizer, weight_decay=0.1)
+    trainer = _fit(model, tmp_path, max_steps=1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in trainer.optimizers[0].param_groups:
+        for p in group["params"]:
+            is_bias_or_norm = p.ndim <= 1
+            assert group["weight_decay"] == (0.0 if is_bias_or_norm else 0.1), names[id(p)]
+    expected = {"adamw": "AdamW", "sgd": "SGD", "lars": "Lars"}[optimizer]
+    assert type(trainer.optimizers[0]).__name__ == expected
+    if optimizer == "sgd":
+        assert trainer.optimizers[0].param_groups[0]["nesterov"] is False
+
+
+def test_checkpoint_stores_preprocessing_and_encoder_config(tmp_path):
+    model = SimCLR(Encoder("resnet18", cifar_stem=True), proj_hidden_dim=32, proj_dim=16)
+    trainer = _fit(model, tmp_path, max_steps=1)
+    path = tmp_path / "x.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    meta = ckpt["selfsup"]
+    assert meta["method"] == "selfsup.methods.simclr.SimCLR"
+    assert meta["encoder"]["name"] == "resnet18" and meta["encoder"]["cifar_stem"] is True
+    pre = meta["preprocessing"]
+    assert pre["image_size"] == 16 and pre["mean"] == pytest.approx((0.2860,)) and pre["std"] == pytest.approx((0.3530,))
+    assert pre["resize"] == "resize_center_crop" and pre["interpolation"] == "bilinear"
+    assert ckpt["hyper_parameters"]["temperature"] == 0.1
+
+
+@pytest.mark.parametrize("key,value", [("base_lr", -1.0), ("weight_decay", -0.1), ("optimizer", "adam"),
+                                       ("warmup_epochs", -1), ("min_lr_ratio", 2.0)])
+def test_bad_optimizer_settings_name_the_key(key, value):
+    with pytest.raises(ValueError, match=f"model.{key}="):
+        SimCLR(Encoder("resnet18"), **{key: value})

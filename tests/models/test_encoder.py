@@ -1,0 +1,64 @@
+import pytest
+import torch
+from torch import nn
+
+from selfsup.models.encoder import Encoder
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(ValueError, match="did you mean.*resnet18"):
+        Encoder("resnt18")
+
+
+def test_cifar_stem_keeps_resolution():
+    enc = Encoder("resnet18", cifar_stem=True)
+    conv = enc.model.conv1
+    assert conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+    assert isinstance(enc.model.maxpool, nn.Identity)
+    # layer1 sees the full 16x16 input: no downsampling in the stem
+    x = torch.randn(2, 3, 16, 16)
+    stem = enc.model.maxpool(enc.model.act1(enc.model.bn1(enc.model.conv1(x))))
+    assert stem.shape[-2:] == (16, 16)
+    assert enc(x).shape == (2, enc.embed_dim) == (2, 512)
+
+
+def test_cifar_stem_needs_resnet():
+    with pytest.raises(ValueError, match="cifar_stem"):
+        Encoder("vit_tiny_patch16_224", cifar_stem=True, image_size=32, patch_size=8)
+
+
+def test_grayscale_is_repeated_to_in_chans():
+    enc = Encoder("resnet18").eval()
+    gray = torch.rand(2, 1, 32, 32)
+    assert torch.equal(enc(gray), enc(gray.repeat(1, 3, 1, 1)))
+    one = Encoder("resnet18", in_chans=1).eval()
+    assert one(gray).shape == (2, 512)
+    with pytest.raises(ValueError, match="in_chans=1"):
+        one(torch.rand(2, 3, 32, 32))
+
+
+def test_vit_sizes_and_tokens():
+    enc = Encoder("vit_tiny_patch16_224", image_size=32, patch_size=8)
+    x = torch.randn(2, 3, 32, 32)
+    assert enc.is_vit and enc(x).shape == (2, 192)
+    assert enc.forward_tokens(x).shape == (2, 1 + 16, 192)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_vit_pool_choice(pool):
+    enc = Encoder("vit_tiny_patch16_224", image_size=32, patch_size=8, pool=pool).eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokens = enc.forward_tokens(x)
+    expected = tokens[:, 0] if pool == "token" else tokens[:, 1:].mean(1)
+    torch.testing.assert_close(enc.model.fc_norm(expected) if pool == "avg" else expected, enc(x))
+
+
+def test_bad_image_patch_sizes_name_both_and_suggest():
+    with pytest.raises(ValueError, match=r"image_size=30 is not divisible by patch_size=4 \(use image_size 28 or 32"):
+        Encoder("vit_tiny_patch16_224", image_size=30, patch_size=4)
+    with pytest.raises(ValueError, match="patch_size=4 only applies to ViT"):
+        Encoder("resnet18", patch_size=4)
+
+
+def test_cnn_ignores_image_size():
+    assert Encoder("resnet18", image_size=64)(torch.randn(1, 3, 64, 64)).shape == (1, 512)

@@ -9,10 +9,14 @@ import warnings
 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
 from selfsup.data.datamodule import Batch, SSLDataModule  # noqa: E402
+from selfsup.export import load_encoder  # noqa: E402
 from selfsup.methods.base import SSLMethod  # noqa: E402
+from selfsup.methods.mae import MAE  # noqa: E402
 from selfsup.methods.simclr import SimCLR  # noqa: E402
+from selfsup.methods.simmim import SimMIM  # noqa: E402
+from selfsup.methods.swav import SwAV  # noqa: E402
 from selfsup.models.encoder import Encoder  # noqa: E402
 from selfsup.models.heads import MLP  # noqa: E402
 
-__all__ = ["Batch", "Encoder", "MLP", "SSLDataModule", "SSLMethod", "SimCLR"]
+__all__ = ["Batch", "Encoder", "MAE", "MLP", "SSLDataModule", "SSLMethod", "SimCLR", "SimMIM", "SwAV", "load_encoder"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The ``selfsup`` command: LightningCLI for ``fit``/``validate``.
+"""The ``selfsup`` command: LightningCLI for ``fit``/``validate``; ``eval``/``export`` in selfsup.eval.command.
 
     selfsup fit --config recipes/demo/simclr.yaml [--trainer.max_epochs 5] [--ckpt_path last]
 
@@ -9,6 +9,7 @@ The YAML keys are the ``__init__`` arguments of the model (an :class:`SSLMethod`
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
@@ -16,17 +17,21 @@ from lightning.pytorch.cli import LightningCLI
 
 from selfsup.data.datamodule import SSLDataModule
 from selfsup.methods.base import SSLMethod
+from selfsup.reliability import PreemptionCheckpoint, default_plugins
 
 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
 
 class SelfSupCLI(LightningCLI):
     """LightningCLI with selfsup's defaults: CSV logs, a rich progress bar, and a ``last.ckpt`` in a
-    fixed ``<default_root_dir>/checkpoints`` so ``--ckpt_path last`` finds it on resume."""
+    fixed ``<default_root_dir>/checkpoints`` so ``--ckpt_path last`` finds it on resume. Checkpoints are
+    written atomically, SIGTERM saves ``last.ckpt`` before exiting, and ``--trainer.sync_batchnorm true``
+    uses a SyncBatchNorm that also runs on CPU (see :mod:`selfsup.reliability`)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_epochs": 1})
 
     def before_instantiate_classes(self) -> None:
@@ -36,6 +41,12 @@ class SelfSupCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
 
+    def instantiate_trainer(self, **kwargs):
+        config = self._get(self.config_init, "trainer", default={})
+        kwargs["plugins"] = default_plugins(kwargs.get("plugins", config.get("plugins")),
+                                            bool(config.get("sync_batchnorm")))
+        return super().instantiate_trainer(**kwargs)
+
 
 def trainer_defaults() -> dict:
     return {
@@ -44,6 +55,11 @@ def trainer_defaults() -> dict:
 
 
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in ("eval", "export"):  # scoring and export: see selfsup/eval/command.py
+        from selfsup.eval.command import main as subcommand
+
+        return subcommand(argv)
     SelfSupCLI(SSLMethod, SSLDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(),
                save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
 

@@ -27,14 +27,19 @@ def test_demo_recipe_runs_and_writes_last_checkpoint(tmp_path):
     assert "train/loss" in header and "train/lr" in header
 
 
-def test_resume_from_last_matches_uninterrupted_run(tmp_path):
-    epochs = ["--trainer.max_steps", "-1", "--trainer.limit_train_batches", "2"]
-    fit(tmp_path / "straight", *epochs, "--trainer.max_epochs", "2")
-    fit(tmp_path / "split", *epochs, "--trainer.max_epochs", "1")
-    fit(tmp_path / "split", *epochs, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+def test_resume_matches_uninterrupted_run(tmp_path):
+    """Resume from the epoch-1 checkpoint of a 2-epoch run (same config, so the same schedule): the
+    resumed run must end with the same weights as the run that was never stopped."""
+    run = ["--trainer.max_steps", "-1", "--trainer.limit_train_batches", "2", "--trainer.max_epochs", "2",
+           "--checkpoint.save_top_k", "-1"]
+    fit(tmp_path / "straight", *run)
+    first_epoch = tmp_path / "straight" / "checkpoints" / "epoch=0-step=2.ckpt"
+    fit(tmp_path / "resumed", *run, "--ckpt_path", str(first_epoch))
     straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
-    resumed = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert straight["global_step"] == resumed["global_step"] == 4
+    first = torch.load(first_epoch, weights_only=True)["state_dict"]
+    assert not torch.equal(first["encoder.model.conv1.weight"], straight["state_dict"]["encoder.model.conv1.weight"])
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -11,7 +12,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from selfsup.data.datasets import UnreadableImage, source
+from selfsup.data.sampling import ResumableLoader, ResumableSampler
 from selfsup.data.transforms import ContrastiveViews, EvalView, Preprocessing, ViewTransform
+from selfsup.reliability import ignore_termination_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,10 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        """``item`` is an index, or ``(index, seed)``: then the views are drawn from that seed alone, so
+        they do not depend on the worker, the rank or a resume (see :mod:`selfsup.data.sampling`)."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         try:
             image, label = self.images[index]
         except UnreadableImage as err:
@@ -47,7 +53,11 @@ class ViewDataset(Dataset):
                 raise
             log.warning("skipping unreadable image: %s", err)
             return None
-        return self.views(image), label, index
+        if seed is None:
+            return self.views(image), label, index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.views(image), label, index
 
 
 def collate_views(samples: list) -> Batch:
@@ -75,6 +85,7 @@ class SSLDataModule(L.LightningDataModule):
             ``mean``/``std`` default to the dataset's own statistics.
         batch_size: per device. The global batch is ``batch_size * devices * nodes * accumulation``.
         strict_images: raise on an unreadable image instead of skipping and counting it.
+        seed: the data order and augmentation seed; ``None`` takes ``seed_everything``'s (else 0).
     """
 
     def __init__(self, dataset: str = "fashion_mnist_embedded", root: str | None = None,
@@ -82,8 +93,9 @@ class SSLDataModule(L.LightningDataModule):
                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                  crop_pct: float = 1.0, interpolation: str = "bilinear", batch_size: int = 256,
                  eval_batch_size: int = 512, num_workers: int = 2, strict_images: bool = False,
-                 drop_last: bool = True):
+                 drop_last: bool = True, seed: int | None = None):
         super().__init__()
+        self.seed = seed
         self.spec = source(dataset)
         if batch_size <= 0:
             raise ValueError(f"data.batch_size={batch_size} must be a positive integer")
@@ -129,17 +141,27 @@ class SSLDataModule(L.LightningDataModule):
         self.split("train")
 
     # -- loaders -------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=self.num_workers, collate_fn=collate_views,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
-
     def train_dataloader(self) -> DataLoader:
         train = ViewDataset(self.split("train"), self.views, self.strict_images)
         if self.drop_last and len(train) < self.batch_size:
             raise ValueError(f"the training set has {len(train)} images, fewer than data.batch_size="
                              f"{self.batch_size}; lower the batch size or set data.drop_last=false")
-        return self._loader(train, self.batch_size, shuffle=True, drop_last=self.drop_last)
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        loader = ResumableLoader(train, batch_size=self.batch_size, sampler=ResumableSampler(train, seed),
+                                 drop_last=self.drop_last, num_workers=self.num_workers, collate_fn=collate_views,
+                                 persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                                 worker_init_fn=ignore_termination_in_worker,
+                                 generator=torch.Generator().manual_seed(seed))  # leaves the global RNG alone
+        loader.progress = self._training_progress
+        return loader
+
+    def _training_progress(self) -> tuple[int, int]:
+        """``(epoch, batches processed in it)`` from the trainer: what a resumed loader must skip."""
+        loop = self.trainer.fit_loop
+        epoch = loop.epoch_progress.current
+        if epoch.processed == epoch.started:  # saved at an epoch end (also a short one: limit_train_batches)
+            return epoch.processed, 0
+        return epoch.processed, loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader | list:
         """The labelled test split with the eval transform, for the online probe."""

@@ -118,6 +118,88 @@ class ContrastiveViews(ViewTransform):
 
 
 @dataclass
+class Crops:
+    """``count`` random resized crops of ``size`` pixels covering ``scale`` of the image area.
+
+    In YAML: ``{count: 2, size: 224, scale: [0.14, 1.0]}``.
+    """
+
+    count: int
+    size: int
+    scale: Range
+
+    def check(self, name: str) -> None:
+        if self.count < 0 or self.size <= 0:
+            raise ValueError(f"{name}: count={self.count} must be >= 0 and size={self.size} positive")
+        _check_scale(f"{name}.scale", self.scale)
+
+
+class MultiCropViews(ViewTransform):
+    """Multi-crop (Caron et al. 2020, SwAV): a few large global crops and several small local crops.
+
+    The views are the global crops first, then the local crops, so each resolution is one contiguous
+    group and the method's encoder runs once per resolution. Paper defaults: 2x224 at scale
+    (0.14, 1) and 6x96 at (0.05, 0.14); colour jitter (strength 1.0, p=0.8), grayscale (p=0.2) and
+    Gaussian blur (p=0.5) on every crop. ``local_crops: {count: 0, ...}`` turns multi-crop off.
+    """
+
+    def __init__(self, global_crops: Crops = Crops(2, 224, (0.14, 1.0)),
+                 local_crops: Crops = Crops(6, 96, (0.05, 0.14)), jitter_strength: float = 1.0,
+                 jitter_p: float = 0.8, grayscale_p: float = 0.2, blur_p: float = 0.5):
+        global_crops, local_crops = _as_crops(global_crops), _as_crops(local_crops)
+        global_crops.check("global_crops")
+        local_crops.check("local_crops")
+        if global_crops.count < 1:
+            raise ValueError(f"global_crops.count={global_crops.count}: multi-crop needs at least one global "
+                             "crop (the paper uses 2)")
+        self.global_crops, self.local_crops = global_crops, local_crops
+        self.params = dict(jitter_strength=jitter_strength, jitter_p=jitter_p, grayscale_p=grayscale_p,
+                           blur_p=blur_p)
+        self.pipelines: list[T.Compose] | None = None
+
+    @property
+    def num_views(self) -> int:
+        return self.global_crops.count + self.local_crops.count
+
+    def bind(self, preprocessing: Preprocessing) -> None:
+        to_tensor = preprocessing.to_tensor()[1:]
+        self.pipelines = [T.Compose(augmentation(crops.size, tuple(crops.scale), **self.params) + to_tensor)
+                          for crops in (self.global_crops, self.local_crops) if crops.count]
+
+    def __call__(self, image: Any) -> list[Tensor]:
+        if self.pipelines is None:
+            raise RuntimeError("MultiCropViews.bind(preprocessing) must be called before use")
+        counts = [c.count for c in (self.global_crops, self.local_crops) if c.count]
+        return [pipeline(image) for pipeline, count in zip(self.pipelines, counts) for _ in range(count)]
+
+
+def _as_crops(crops: Crops | dict[str, Any]) -> Crops:
+    return Crops(**crops) if isinstance(crops, dict) else Crops(crops.count, crops.size, tuple(crops.scale))
+
+
+class MaskedImageView(ViewTransform):
+    """One lightly augmented view for masked image modeling: random resized crop and flip only.
+
+    MAE uses ``crop_scale=(0.2, 1.0)``; SimMIM ``(0.67, 1.0)``. Masking happens in the method.
+    """
+
+    def __init__(self, crop_scale: Range = (0.2, 1.0), flip_p: float = 0.5, image_size: int | None = None):
+        _check_scale("crop_scale", crop_scale)
+        self.crop_scale, self.flip_p, self.image_size = tuple(crop_scale), flip_p, image_size
+        self.pipeline: T.Compose | None = None
+
+    def bind(self, preprocessing: Preprocessing) -> None:
+        size = self.image_size or preprocessing.image_size
+        ops = augmentation(size, self.crop_scale, 0.0, 0.0, 0.0, 0.0, self.flip_p)
+        self.pipeline = T.Compose(ops + preprocessing.to_tensor()[1:])
+
+    def __call__(self, image: Any) -> list[Tensor]:
+        if self.pipeline is None:
+            raise RuntimeError("MaskedImageView.bind(preprocessing) must be called before use")
+        return [self.pipeline(image)]
+
+
+@dataclass
 class EvalView(ViewTransform):
     """One deterministic view (the eval transform), for probes and feature extraction."""
 

@@ -1,4 +1,5 @@
-"""Training-time evaluation callbacks: online linear probe, kNN monitor, and the frozen-probe report."""
+"""Training-time evaluation callbacks: online linear probe, kNN monitor, the frozen-probe report and
+the checkpoint scorer (defined in :mod:`selfsup.eval.scorecard`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from selfsup.distributed import all_reduce_sum, world_size
-from selfsup.eval.features import extract_features
-from selfsup.eval.knn import knn_accuracy, topk_accuracy
-from selfsup.eval.linear import linear_probe
+from selfsup.eval.features import extract_features, recalibrate_batchnorm
+from selfsup.eval.knn import topk_accuracy
+from selfsup.eval.protocols import EvalContext, FeatureSet, run_protocols
+from selfsup.eval.scorecard import CheckpointScorer  # noqa: F401  (re-exported for recipes)
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +36,23 @@ class OnlineLinearProbe(L.Callback):
     It has its own optimizer, so its loss never reaches the encoder. Validation accuracy on the
     labelled test split is logged as ``probe/val_acc``. Under DDP its gradients are averaged
     over ranks so every rank keeps the same head.
+
+    ``batch_norm=True`` puts BatchNorm without affine before the linear layer, the MAE linear-probe
+    protocol (features of MIM encoders have very different scales per channel).
     """
 
-    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0):
-        self.lr, self.weight_decay = lr, weight_decay
-        self.head: nn.Linear | None = None
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0, batch_norm: bool = False):
+        self.lr, self.weight_decay, self.batch_norm = lr, weight_decay, batch_norm
+        self.head: nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
         self._val_scores: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.head is None:
-            self.head = nn.Linear(pl_module.encoder.embed_dim, _num_classes(trainer))
+            dim = pl_module.encoder.embed_dim
+            linear = nn.Linear(dim, _num_classes(trainer))
+            self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), linear) if self.batch_norm else linear
             self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
             if self._pending_state is not None:
                 self._restore(self._pending_state)
@@ -63,6 +70,7 @@ class OnlineLinearProbe(L.Callback):
         if features is None or (batch.labels < 0).all():
             return
         known = batch.labels >= 0
+        self.head.train()
         with torch.enable_grad(), torch.autocast(pl_module.device.type, enabled=False):
             logits = self.head(features[known].float())
             loss = F.cross_entropy(logits, batch.labels[known])
@@ -78,6 +86,7 @@ class OnlineLinearProbe(L.Callback):
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.head is not None and len(batch):
+            self.head.eval()
             self._val_scores.append(self.head(outputs["features"].float()).detach())
             self._val_labels.append(batch.labels)
 
@@ -106,15 +115,15 @@ class OnlineLinearProbe(L.Callback):
 def frozen_scores(encoder: nn.Module, datamodule: Any, device: torch.device, bf16: bool = False,
                   protocols: tuple[str, ...] = ("knn", "linear"), knn_k: int = 20,
                   knn_temperature: float = 0.07) -> dict[str, float]:
-    """kNN and/or linear-probe top-1 of a frozen encoder on the data module's labelled splits."""
+    """kNN and/or linear-probe top-1 of a frozen encoder on the data module's labelled splits.
+
+    The protocols are the registered ones of :mod:`selfsup.eval.protocols`, as in ``selfsup eval``."""
     train_x, train_y = extract_features(encoder, datamodule.probe_dataloader("train"), device, bf16)
     test_x, test_y = extract_features(encoder, datamodule.probe_dataloader("test"), device, bf16)
-    scores: dict[str, float] = {}
-    if "knn" in protocols:
-        scores["knn_top1"] = knn_accuracy(train_x, train_y, test_x, test_y, knn_k, knn_temperature)["top1"]
-    if "linear" in protocols:
-        scores["linear_top1"] = linear_probe(train_x, train_y, test_x, test_y)["top1"]
-    return scores
+    context = EvalContext(FeatureSet(train_x, train_y, test_x, test_y), encoder, device=device)
+    rows = run_protocols(protocols, context, {"knn": {"k": knn_k, "temperature": knn_temperature}}
+                         if "knn" in protocols else {})
+    return {f"{row['protocol']}_top1": row["value"] for row in rows if row["metric"] == "top1"}
 
 
 def _uses_bf16(trainer: L.Trainer) -> bool:
@@ -139,7 +148,10 @@ class KNNMonitor(L.Callback):
 
 class ProbeReport(L.Callback):
     """At the end of fit, score the trained encoder and the same architecture at random
-    initialisation with kNN and a linear probe; print a table and write ``probe_report.json``."""
+    initialisation with kNN and a linear probe; print a table and write ``probe_report.json``.
+
+    The random encoder's BatchNorm statistics are estimated on training images first, so the
+    baseline is a fair one (see :func:`selfsup.eval.features.recalibrate_batchnorm`)."""
 
     def __init__(self, protocols: tuple[str, ...] = ("knn", "linear"), seed: int = 0):
         self.protocols, self.seed = tuple(protocols), seed
@@ -155,6 +167,7 @@ class ProbeReport(L.Callback):
             random_encoder = Encoder(**pl_module.encoder.config).to(pl_module.device)
         if pl_module.channels_last:
             random_encoder.to(memory_format=torch.channels_last)
+        recalibrate_batchnorm(random_encoder, trainer.datamodule.probe_dataloader("train"), pl_module.device)
         bf16 = _uses_bf16(trainer)
         self.results = {name: frozen_scores(enc, trainer.datamodule, pl_module.device, bf16, self.protocols)
                         for name, enc in (("pretrained", pl_module.encoder), ("random init", random_encoder))}

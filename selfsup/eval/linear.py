@@ -10,10 +10,13 @@ from selfsup.eval.knn import topk_accuracy
 
 
 def fit_logistic(features: Tensor, labels: Tensor, num_classes: int, weight_decay: float,
-                 max_iter: int = 100) -> tuple[Tensor, Tensor]:
-    """Weights ``(D, C)`` and bias ``(C,)`` minimising cross entropy + ``weight_decay/2 * |W|^2``."""
-    weight = torch.zeros(features.shape[1], num_classes, requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
+                 max_iter: int = 100, init: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Weights ``(D, C)`` and bias ``(C,)`` minimising cross entropy + ``weight_decay/2 * |W|^2``,
+    starting from zeros or from ``init`` (a warm start: the problem is convex, only speed changes)."""
+    weight = torch.zeros(features.shape[1], num_classes) if init is None else init[0].clone()
+    bias = torch.zeros(num_classes) if init is None else init[1].clone()
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-6)
 
@@ -36,25 +39,30 @@ def standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
 
 def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
                  weight_decays: tuple[float, ...] = (1e-4, 1e-3, 1e-2), holdout_fraction: float = 0.1,
-                 max_iter: int = 100, seed: int = 0) -> dict[str, float]:
+                 max_iter: int = 100, seed: int = 0, batchnorm: bool = True) -> dict[str, float]:
     """Test accuracy of a logistic-regression probe.
 
     The weight decay is chosen on a held-out ``holdout_fraction`` of the train split (never on the
-    test split), then the probe is refitted on the whole train split.
+    test split), then the probe is refitted on the whole train split. ``batchnorm`` standardises the
+    features first (BatchNorm without affine, as in the MAE linear probe).
     """
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    train, test = standardise(train_features.float(), test_features.float())
-    best_wd = weight_decays[0]
+    train, test = train_features.float(), test_features.float()
+    if batchnorm:
+        train, test = standardise(train, test)
+    best_wd, start = weight_decays[0], None
     if len(weight_decays) > 1:
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         n_hold = max(1, int(len(train) * holdout_fraction))
         hold, fit = perm[:n_hold], perm[n_hold:]
-        accs = []
-        for wd in weight_decays:
-            w, b = fit_logistic(train[fit], train_labels[fit], num_classes, wd, max_iter)
-            accs.append(topk_accuracy(train[hold] @ w + b, train_labels[hold]))
-        best_wd = weight_decays[max(range(len(accs)), key=accs.__getitem__)]
-    w, b = fit_logistic(train, train_labels, num_classes, best_wd, max_iter)
+        accs, solutions, previous = {}, {}, None
+        for wd in sorted(weight_decays, reverse=True):  # strongest first, each warm-starting the next
+            previous = solutions[wd] = fit_logistic(train[fit], train_labels[fit], num_classes, wd, max_iter,
+                                                    init=previous)
+            accs[wd] = topk_accuracy(train[hold] @ solutions[wd][0] + solutions[wd][1], train_labels[hold])
+        best_wd = max(weight_decays, key=accs.__getitem__)
+        start = solutions[best_wd]
+    w, b = fit_logistic(train, train_labels, num_classes, best_wd, max_iter, init=start)
     scores = test @ w + b
     return {"top1": topk_accuracy(scores, test_labels, 1), "top5": topk_accuracy(scores, test_labels, 5),
             "weight_decay": best_wd}

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from selfsup import reliability
 from selfsup.data.datamodule import Batch
 from selfsup.models.encoder import Encoder
 
@@ -24,6 +25,15 @@ def full_precision(device_type: str) -> Iterator[None]:
     """Run a block in float32 even inside an autocast region (losses, normalisations, Sinkhorn)."""
     with torch.autocast(device_type, enabled=False):
         yield
+
+
+def check_finite(term: str, value: Tensor, step: int) -> Tensor:
+    """Raise ``FloatingPointError`` naming the step and the loss term when ``value`` is NaN or infinite
+    (e.g. the known MAE fp16 overflow), so a diverged run stops instead of training on garbage."""
+    if not torch.isfinite(value).all():
+        raise FloatingPointError(f"non-finite {term}={value.detach().float().cpu().tolist()} at step {step}; "
+                                 "under fp16 try precision=bf16-mixed or 32, or lower model.base_lr")
+    return value
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -49,12 +59,17 @@ class SSLMethod(L.LightningModule):
         min_lr_ratio: the cosine floor as a fraction of the effective rate.
         lr_batch_denominator: 256 for most methods; SimMIM scales per 512.
         channels_last: use the channels-last memory format (faster convolutions on CPU and GPU).
+        max_consecutive_nonfinite: a step whose loss or gradient is NaN/Inf is skipped and counted; this
+            many skips in a row stop the run with an error naming the step and the term.
+        init_from: start a new run from the encoder weights of a selfsup checkpoint, an exported
+            directory or its ``model.safetensors``, loaded when fit sets up. Different from ``--ckpt_path``,
+            which resumes a run: its restored weights then replace these.
     """
 
     def __init__(self, encoder: Encoder, optimizer: str = "adamw", base_lr: float = 1e-3,
                  weight_decay: float = 0.05, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_epochs: float = 10.0, min_lr_ratio: float = 0.0, lr_batch_denominator: int = 256,
-                 channels_last: bool = False):
+                 channels_last: bool = False, max_consecutive_nonfinite: int = 5, init_from: str | None = None):
         super().__init__()
         _check("optimizer", optimizer in OPTIMIZERS, optimizer, f"one of {OPTIMIZERS}")
         _check("base_lr", base_lr > 0, base_lr, "positive")
@@ -66,6 +81,11 @@ class SSLMethod(L.LightningModule):
         self.encoder = encoder
         self.preprocessing: dict[str, Any] | None = None
         self.skipped_images = 0
+        self.nonfinite = reliability.NonFiniteGuard(max_consecutive_nonfinite)
+        self._step_skipped = False
+        self._norm_statistics: list | None = None
+        self._images_this_epoch = self._skipped_this_epoch = 0
+        self._rng_to_restore: list[dict[str, Any]] | None = None
         self.channels_last = channels_last
         if channels_last:
             self.encoder.to(memory_format=torch.channels_last)
@@ -91,6 +111,11 @@ class SSLMethod(L.LightningModule):
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.get("init_from") and not self.trainer.ckpt_path:
+            from selfsup.export import init_encoder_from
+
+            init_encoder_from(self.encoder, self.hparams.init_from)
+            rank_zero_info(f"[selfsup] encoder initialised from {self.hparams.init_from}")
         datamodule = getattr(self.trainer, "datamodule", None)
         if getattr(datamodule, "preprocessing", None) is not None:
             self.preprocessing = datamodule.preprocessing.as_dict()
@@ -99,13 +124,50 @@ class SSLMethod(L.LightningModule):
         self.skipped_images += batch.skipped
         if batch.skipped:
             self.log("data/skipped_images", float(self.skipped_images), batch_size=max(1, len(batch)))
+        self._images_this_epoch += len(batch)
+        self._skipped_this_epoch += batch.skipped
         if len(batch) == 0:
             return None
-        terms = self.training_loss(batch)
+        terms = self._guarded_loss(batch)
+        if terms is None:
+            return None
         scalars = {f"train/{k}": v.detach() for k, v in terms.items() if k != "features" and v.ndim == 0}
         self.log_dict(scalars, batch_size=len(batch))
         self.log("loss", terms["loss"].detach(), prog_bar=True, logger=False, batch_size=len(batch))
         return {"loss": terms["loss"], "features": terms.get("features")}
+
+    def _guarded_loss(self, batch: Batch) -> dict[str, Tensor] | None:
+        """``training_loss``, or ``None`` (a skipped, counted step) when any rank's loss is not finite."""
+        self._norm_statistics = reliability.snapshot_norm_statistics(self)
+        try:
+            terms = self.training_loss(batch)
+        except FloatingPointError as err:  # a method's own finiteness check names the term
+            terms = {f"loss ({err})": torch.tensor(float("nan"), device=self.device)}
+        reason = self.nonfinite.check_loss(terms, self.global_step, self.device)
+        if reason is None:
+            return terms
+        self._step_skipped = True
+        reliability.restore_norm_statistics(self._norm_statistics)
+        self.log("train/skipped_steps", float(self.nonfinite.skipped_steps), batch_size=len(batch))
+        return None
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Step, unless a gradient is not finite: then drop the gradients so the optimizer leaves weights
+        and moments untouched. (Checked right after backward, before ``on_before_optimizer_step``, so
+        methods may override that hook freely.) Under 16-mixed the grad scaler already skips
+        overflowing steps and lowers its scale; those are not counted."""
+
+        def closure() -> Any:
+            loss = optimizer_closure() if optimizer_closure is not None else None
+            if getattr(self.trainer.precision_plugin, "scaler", None) is None and \
+                    self.nonfinite.check_gradients(self, self.global_step, self.device) is not None:
+                self._step_skipped = True
+                optimizer.zero_grad(set_to_none=True)
+                reliability.restore_norm_statistics(self._norm_statistics)
+                self.log("train/skipped_steps", float(self.nonfinite.skipped_steps))
+            return loss
+
+        optimizer.step(closure=closure)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         """Features of labelled eval images; the probe callbacks consume them."""
@@ -125,7 +187,13 @@ class SSLMethod(L.LightningModule):
         extra = {"betas": tuple(hp.betas)} if hp.optimizer in ("adamw", "lamb") else {"momentum": hp.momentum}
         opt = timm.optim.create_optimizer_v2(self, opt="momentum" if hp.optimizer == "sgd" else hp.optimizer,
                                              lr=lr, weight_decay=hp.weight_decay, **extra)
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            if self.trainer.max_steps <= 0:
+                raise ValueError("set trainer.max_epochs or trainer.max_steps: the schedule needs a length")
+            total = self.trainer.max_steps
+        total = int(total)
+        self.trainer.fit_loop.setup_data()  # so num_training_batches is known even when max_steps decides
         per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
         warmup = min(total, round(hp.warmup_epochs * per_epoch))
         rank_zero_info(f"[selfsup] effective lr {lr:.4g} = base_lr {hp.base_lr} x global batch {global_batch} "
@@ -137,19 +205,41 @@ class SSLMethod(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_train_start(self) -> None:
+        reliability.restore_train_loader_state(self.trainer)
+        if self._rng_to_restore is not None:  # restored here, after data loading set up, for exact resume
+            reliability.restore_rank_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
         if self.logger is not None:
             self.logger.log_hyperparams({"effective_lr": self.effective_lr,
                                          "global_batch_size": self.global_batch_size()})
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        if not self._step_skipped:
+            self.nonfinite.passed()
+        self._step_skipped, self._norm_statistics = False, None
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=max(1, len(batch)))
+
+    def on_train_epoch_start(self) -> None:
+        self._images_this_epoch = self._skipped_this_epoch = 0
+
+    def on_train_epoch_end(self) -> None:
+        reliability.check_some_images_decoded(self._images_this_epoch, self._skipped_this_epoch, self.device)
+
+    def on_train_end(self) -> None:
+        reliability.report_skips(self.skipped_images, self.nonfinite.skipped_steps, self.device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["selfsup"] = {"method": f"{type(self).__module__}.{type(self).__qualname__}",
-                                 "encoder": self.encoder.config, "preprocessing": self.preprocessing}
+                                 "encoder": self.encoder.config, "preprocessing": self.preprocessing,
+                                 "skipped_images": self.skipped_images, "nonfinite": self.nonfinite.state_dict(),
+                                 "rng": reliability.gather_rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.preprocessing = checkpoint.get("selfsup", {}).get("preprocessing", self.preprocessing)
+        state = checkpoint.get("selfsup", {})
+        self.skipped_images = state.get("skipped_images", self.skipped_images)
+        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
+        self._rng_to_restore = state.get("rng")
 
 
 def _check(key: str, ok: bool, value: Any, requirement: str) -> None:

@@ -6,6 +6,7 @@ import difflib
 from typing import Any
 
 import timm
+import torch
 from torch import Tensor, nn
 
 
@@ -23,7 +24,9 @@ def _divisors_hint(image_size: int, patch_size: int) -> str:
 def _create(name: str, in_chans: int, image_size: int | None, patch_size: int | None,
             kwargs: dict[str, Any]) -> nn.Module:
     """``timm.create_model`` without a classifier; sizes go only to models that take them."""
-    sizes = {k: v for k, v in (("img_size", image_size), ("patch_size", patch_size)) if v is not None}
+    dynamic = kwargs.pop("dynamic_img_size", None) or None  # ViTs only, like the sizes
+    sizes = {k: v for k, v in (("img_size", image_size), ("patch_size", patch_size),
+                               ("dynamic_img_size", dynamic)) if v is not None}
     try:
         return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs, **sizes)
     except TypeError as err:
@@ -47,11 +50,15 @@ class Encoder(nn.Module):
             ``None`` keeps timm's default.
         drop_path_rate: stochastic depth, where the model supports it.
         model_kwargs: any further ``timm.create_model`` keyword arguments.
+        dynamic_img_size: for ViTs, accept any input size that the patch size divides, interpolating
+            the position embeddings (timm's ``dynamic_img_size``); multi-crop needs it. CNNs take any
+            size anyway and ignore it.
     """
 
     def __init__(self, name: str = "resnet18", cifar_stem: bool = False, image_size: int | None = None,
                  patch_size: int | None = None, in_chans: int = 3, pool: str | None = None,
-                 drop_path_rate: float = 0.0, model_kwargs: dict[str, Any] | None = None):
+                 drop_path_rate: float = 0.0, model_kwargs: dict[str, Any] | None = None,
+                 dynamic_img_size: bool = False):
         super().__init__()
         if not timm.is_model(name):
             raise ValueError(f"unknown timm model {name!r}{_suggest(name)}")
@@ -63,11 +70,14 @@ class Encoder(nn.Module):
             kwargs["global_pool"] = pool
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
+        if dynamic_img_size:
+            kwargs["dynamic_img_size"] = True
         self.config = dict(name=name, cifar_stem=cifar_stem, image_size=image_size, patch_size=patch_size,
                            in_chans=in_chans, pool=pool, drop_path_rate=drop_path_rate,
-                           model_kwargs=dict(model_kwargs or {}))
+                           model_kwargs=dict(model_kwargs or {}), dynamic_img_size=dynamic_img_size)
         self.model = _create(name, in_chans, image_size, patch_size, kwargs)
         self.is_vit = hasattr(self.model, "patch_embed")
+        self.config["dynamic_img_size"] = bool(getattr(self.model, "dynamic_img_size", False))  # CNNs: False
         if cifar_stem:
             self._use_cifar_stem(name, in_chans)
         self.in_chans = in_chans
@@ -96,4 +106,50 @@ class Encoder(nn.Module):
         if not self.is_vit:
             raise TypeError(f"forward_tokens needs a ViT-like model, not {self.config['name']!r}")
         return self.model.forward_features(self._match_channels(x))
+
+    # -- token-level access for masked image modeling (MAE, SimMIM) -------------------------------
+    @property
+    def patch_size(self) -> int:
+        """Side of one patch embedding, in pixels (ViT and Swin)."""
+        return self.model.patch_embed.patch_size[0]
+
+    @property
+    def stride(self) -> int:
+        """Pixels per position of the final feature map: the patch size for a ViT, 32 for a Swin."""
+        return self.model.feature_info[-1]["reduction"]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class/register tokens in front of the patch tokens (0 for hierarchical models)."""
+        return getattr(self.model, "num_prefix_tokens", 0)
+
+    def embed_patches(self, x: Tensor) -> Tensor:
+        """Patch embeddings ``(B, N, D)`` in row-major grid order, before positions and prefix tokens."""
+        if not self.is_vit:
+            raise TypeError(f"embed_patches needs a ViT-like model, not {self.config['name']!r}")
+        patches = self.model.patch_embed(self._match_channels(x))
+        return patches.flatten(1, -2)  # NLC (ViT) or NHWC (Swin) -> NLC
+
+    def encode_patches(self, patches: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Run the rest of the backbone from patch embeddings ``(B, N, D)``.
+
+        A ViT adds its position embeddings and prefix tokens, then, when ``keep`` ``(B, K)`` indexes
+        patch tokens, runs its blocks on those only (MAE); it returns ``(B, prefix + K, D)``. A
+        hierarchical model (Swin) runs its stages on the full grid and returns ``(B, N / stride^2, C)``.
+        """
+        model, grid = self.model, self.model.patch_embed.grid_size
+        if hasattr(model, "blocks"):
+            if getattr(model, "dynamic_img_size", False):  # timm then wants NHWC (square grids here)
+                side = int(patches.shape[1] ** 0.5)
+                patches = patches.unflatten(1, (side, side))
+            tokens = model._pos_embed(patches)
+            if keep is not None:
+                prefix, body = tokens[:, :self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
+                body = body.gather(1, keep[..., None].expand(-1, -1, body.shape[-1]))
+                tokens = torch.cat([prefix, body], dim=1)
+            return model.norm(model.blocks(model.norm_pre(tokens)))
+        if keep is not None:
+            raise ValueError(f"{self.config['name']!r} cannot run on a subset of tokens (use a ViT)")
+        grid_map = patches.unflatten(1, (patches.shape[1] // grid[1], grid[1]))  # Swin stages take NHWC
+        return model.norm(model.layers(grid_map)).flatten(1, 2)
 

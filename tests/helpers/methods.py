@@ -1,0 +1,147 @@
+"""Tiny instances of every method, for the scale and reliability tests.
+
+Each entry builds ``(method, view transform)`` at toy size. A method whose module does not exist yet
+is skipped with ``pytest.importorskip``, so the tests pick it up automatically once it lands.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from selfsup.data.datamodule import Batch, collate_views
+from selfsup.data.transforms import ContrastiveViews, Preprocessing, ViewTransform
+from selfsup.models.encoder import Encoder
+
+IMAGE_SIZE = 16
+# CNN methods train at 32 px in fits: at 16 px a ResNet's last stage sees 1x1 maps, where torch 2.14's
+# CPU bf16 convolution weight gradient (3x3, stride 2, 1x1 input) returns NaN in about 30% of calls.
+FIT_IMAGE_SIZE = {"simclr": 32, "swav": 48}
+BASE = dict(optimizer="adamw", base_lr=1e-3, weight_decay=1e-4, warmup_epochs=0.0)
+
+
+def _tiny_vit() -> Encoder:
+    return Encoder("vit_tiny_patch16_224", image_size=IMAGE_SIZE, patch_size=4, pool="token",
+                   model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})
+
+
+def _simclr(module, base: dict) -> tuple:
+    method = module.SimCLR(Encoder("test_resnet"), proj_hidden_dim=32, proj_dim=16, **base)
+    return method, ContrastiveViews(blur_p=0.0)
+
+
+def _mae(module, base: dict) -> tuple:
+    from selfsup.data.transforms import MaskedImageView
+
+    method = module.MAE(_tiny_vit(), mask_ratio=0.5, decoder_width=32, decoder_depth=1, decoder_heads=2, **base)
+    return method, MaskedImageView()
+
+
+def _simmim(module, base: dict) -> tuple:
+    from selfsup.data.transforms import MaskedImageView
+
+    return module.SimMIM(_tiny_vit(), mask_ratio=0.5, **base), MaskedImageView()
+
+
+def _swav(module, base: dict) -> tuple:
+    from selfsup.data.transforms import Crops, MultiCropViews
+
+    method = module.SwAV(Encoder("test_resnet"), **base)
+    return method, MultiCropViews(global_crops=Crops(2, 48, (0.14, 1.0)), local_crops=Crops(2, 32, (0.05, 0.14)))
+
+
+FACTORIES: dict[str, tuple[str, Callable]] = {
+    "simclr": ("selfsup.methods.simclr", _simclr),
+    "mae": ("selfsup.methods.mae", _mae),
+    "simmim": ("selfsup.methods.simmim", _simmim),
+    "swav": ("selfsup.methods.swav", _swav),
+}
+METHODS = list(FACTORIES)
+
+
+def build(name: str, seed: int = 0, **overrides) -> tuple:
+    """``(method, views)`` for ``name``, with weights from ``seed``; skips a method not written yet.
+    ``overrides`` are :class:`SSLMethod` arguments."""
+    module_name, factory = FACTORIES[name]
+    try:
+        importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+    module = pytest.importorskip(module_name)
+    torch.manual_seed(seed)
+    return factory(module, {**BASE, **overrides})
+
+
+def synthetic_batch(views: ViewTransform, size: int, seed: int = 0, channels: int = 3) -> Batch:
+    """A batch of ``size`` random images through ``views`` (deterministic in ``seed``)."""
+    views.bind(Preprocessing(image_size=IMAGE_SIZE, mean=(0.5,) * channels, std=(0.25,) * channels))
+    rng = np.random.default_rng(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        samples = [(views(torch.from_numpy(rng.integers(0, 256, (channels, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8))),
+                    -1, i) for i in range(size)]
+    return collate_views(samples)
+
+
+def register_tiny_source(num_images: int = 32, channels: int = 3, seed: int = 0) -> str:
+    """Register an in-memory unlabeled source of random images; returns its ``data.dataset`` name."""
+    from selfsup.data import datasets
+
+    name = f"tiny_{num_images}_{channels}_{seed}"
+    images = np.random.default_rng(seed).integers(0, 256, (num_images, IMAGE_SIZE, IMAGE_SIZE, channels),
+                                                  dtype=np.uint8)
+    datasets.SOURCES[name] = datasets.SourceSpec(functools.partial(_array_source, images),
+                                                 datasets.SourceInfo(), ("train", None))
+    return name
+
+
+def _array_source(images: np.ndarray, split: str, root=None):
+    from selfsup.data.datasets import ArrayImages
+
+    return ArrayImages(images, None)
+
+
+def tiny_fit(name: str, root, max_steps: int, callbacks: list | None = None, ckpt_path=None,
+             batch_size: int = 4, num_images: int = 16, num_workers: int = 0, precision="32",
+             every_n_train_steps: int | None = None, model_overrides: dict | None = None, **trainer_kwargs):
+    """Fit method ``name`` for ``max_steps`` on a tiny source with selfsup's checkpoint plugins.
+
+    Returns ``(method, trainer)``. Seeds everything with 0, so two calls start identically.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from selfsup.data.datamodule import SSLDataModule
+    from selfsup.reliability import PreemptionCheckpoint, default_plugins
+
+    L.seed_everything(0, verbose=False)
+    method, views = build(name, **(model_overrides or {}))
+    data_kwargs = {k: trainer_kwargs.pop(k) for k in ("dataset", "data_root", "drop_last") if k in trainer_kwargs}
+    if "data_root" in data_kwargs:
+        data_kwargs["root"] = str(data_kwargs.pop("data_root"))
+    data_kwargs.setdefault("dataset", register_tiny_source(num_images))
+    data = SSLDataModule(views=views, image_size=FIT_IMAGE_SIZE.get(name, IMAGE_SIZE), batch_size=batch_size, num_workers=num_workers,
+                         **data_kwargs)
+    checkpoint = ModelCheckpoint(dirpath=str(root / "checkpoints"), save_last=True, save_top_k=0,
+                                 every_n_train_steps=every_n_train_steps)
+    trainer_kwargs.setdefault("max_epochs", -1)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, precision=precision,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+                        callbacks=[checkpoint, PreemptionCheckpoint(), *(callbacks or [])],
+                        plugins=default_plugins(trainer_kwargs.pop("plugins", None),
+                                                trainer_kwargs.get("sync_batchnorm", False)),
+                        num_sanity_val_steps=0, **trainer_kwargs)
+    trainer.fit(method, data, ckpt_path=ckpt_path)
+    return method, trainer
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
+    """Names of the state entries (parameters and buffers) that are not bit-identical."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return [k for k in sa if not torch.equal(sa[k], sb[k])]

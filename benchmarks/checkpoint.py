@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine  # noqa: E402
+from common import record  # noqa: E402
 
 
 def build_checkpoint(recipe: str) -> dict:
@@ -84,9 +83,7 @@ def main() -> None:
                "load_s": round(atomic[1], 3), "save_s_lightning_default": round(default[0], 3)}
         print(f"{recipe:<40} {row['size_mb']:8.1f} MB  save {row['save_s_atomic']:.3f} s (atomic) / "
               f"{row['save_s_lightning_default']:.3f} s (Lightning default)  load {row['load_s']:.3f} s", flush=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps({**row, "command": " ".join(sys.argv), "machine": machine(),
-                                "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        record(row)
 
 
 if __name__ == "__main__":

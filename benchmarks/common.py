@@ -7,13 +7,15 @@ command and the machine to ``benchmarks/results.jsonl``.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import platform
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,35 @@ def machine() -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def endless_batches(loader: Iterable[Any]) -> tuple[Iterator[Any], Any]:
+    """Batches from ``loader`` epoch after epoch, and one batch held aside for the data-free timing."""
+    return itertools.chain.from_iterable(itertools.repeat(loader)), next(iter(loader))
+
+
+def training_step(model: Any, optimizer: torch.optim.Optimizer, precision: str = "fp32",
+                  before: Callable[[], Any] | None = None) -> Callable[[Any], None]:
+    """One optimisation step as training runs it: ``training_loss`` under CPU autocast for bf16, backward, step."""
+
+    def step(batch: Any) -> None:
+        if before is not None:
+            before()
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        with autocast:
+            loss = model.training_loss(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def record(row: dict[str, Any]) -> None:
+    """Append a result row, with the command, the machine and the time, to results.jsonl."""
+    with RESULTS.open("a") as f:
+        f.write(json.dumps({**row, "command": " ".join(sys.argv), "machine": machine(),
+                            "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+
+
 def report(name: str, images_per_step: int, seconds_per_step: float, flops_per_step: int, peak_gflops: float,
            **extra: Any) -> dict[str, Any]:
     """Print one result line and append it, with the command and machine, to results.jsonl."""
@@ -77,7 +108,5 @@ def report(name: str, images_per_step: int, seconds_per_step: float, flops_per_s
            "mfu": round(achieved / peak_gflops, 3), **extra}
     print(f"{name:<40} {images_per_s:8.1f} img/s  peak mem {row['peak_memory_mb']:7.0f} MB  "
           f"MFU {100 * row['mfu']:5.1f}% ({achieved:.0f} of {peak_gflops:.0f} GFLOP/s)", flush=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps({**row, "command": " ".join(sys.argv), "machine": machine(),
-                            "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    record(row)
     return row

@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine  # noqa: E402
+from common import record  # noqa: E402
 
 
 def load_recipe(recipe: str, batch_size: int, image_size: int | None):
@@ -122,9 +122,7 @@ def main() -> None:
            "sync_batchnorm": args.sync_batchnorm, "threads": args.threads}
     print(f"{row['name']}: 1 process {row['images_per_s_1_process']} img/s, 2 gloo processes "
           f"{row['images_per_s_2_processes']} img/s, efficiency {row['efficiency']}", flush=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps({**row, "command": " ".join(sys.argv), "machine": machine(),
-                            "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    record(row)
 
 
 if __name__ == "__main__":

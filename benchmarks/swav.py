@@ -17,7 +17,6 @@ per resolution, Sinkhorn, swapped prediction), backward, SGD step. MFU divides t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import count_flops, matmul_peak_gflops, report, time_steps  # noqa: E402
+from common import count_flops, endless_batches, matmul_peak_gflops, report, time_steps, training_step  # noqa: E402,E501
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
 from selfsup.data.transforms import Crops, MultiCropViews  # noqa: E402
@@ -47,8 +46,7 @@ def loader_batches(args: argparse.Namespace, local_crops: Crops):
     views = MultiCropViews(Crops(2, 32, (0.14, 1.0)), local_crops, blur_p=args.blur_p)
     data = SSLDataModule(views=views, image_size=32, batch_size=args.batch_size, num_workers=args.workers)
     data.setup("fit")
-    loader = data.train_dataloader()
-    return itertools.chain.from_iterable(itertools.repeat(loader)), next(iter(loader))
+    return endless_batches(data.train_dataloader())
 
 
 def main() -> None:
@@ -72,14 +70,7 @@ def main() -> None:
         model, optimizer = build(args)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
-        def step(batch) -> None:
-            model.prototypes.normalize_()
-            autocast = torch.autocast("cpu", dtype=dtype) if precision == "bf16" else contextlib.nullcontext()
-            with autocast:
-                loss = model.training_loss(batch)["loss"]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        step = training_step(model, optimizer, precision, before=model.prototypes.normalize_)
 
         flops = count_flops(lambda: step(fixed))
         peak = matmul_peak_gflops(dtype)

@@ -10,7 +10,6 @@ batch 256, projector 512-512-128, SGD, fp32, 2 threads, 2 loader workers.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import count_flops, matmul_peak_gflops, report, time_steps  # noqa: E402
+from common import count_flops, endless_batches, matmul_peak_gflops, report, time_steps, training_step  # noqa: E402,E501
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
 from selfsup.methods.simclr import SimCLR  # noqa: E402
@@ -45,20 +44,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     data = SSLDataModule(batch_size=args.batch_size, num_workers=args.workers, image_size=32)
-    loader = data.train_dataloader()
-    batches = itertools.cycle(loader) if len(loader) * 1 < args.steps + 2 else iter(loader)
-    fixed = next(iter(loader))
+    data.setup("fit")
     for precision, memory_format in itertools.product(args.precisions.split(","), args.memory_formats.split(",")):
+        batches, fixed = endless_batches(data.train_dataloader())
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         model, opt = build(args, memory_format == "channels_last")
-
-        def step(batch) -> None:
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-            with autocast:
-                loss = model.training_loss(batch)["loss"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = training_step(model, opt, precision)
 
         flops = count_flops(lambda: step(fixed))
         peak = matmul_peak_gflops(dtype)

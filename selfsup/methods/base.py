@@ -235,8 +235,8 @@ class SSLMethod(L.LightningModule):
                                  "rng": reliability.gather_rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.preprocessing = checkpoint.get("selfsup", {}).get("preprocessing", self.preprocessing)
         state = checkpoint.get("selfsup", {})
+        self.preprocessing = state.get("preprocessing", self.preprocessing)
         self.skipped_images = state.get("skipped_images", self.skipped_images)
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
         self._rng_to_restore = state.get("rng")

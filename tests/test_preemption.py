@@ -149,3 +149,18 @@ def test_resuming_from_a_corrupt_checkpoint_names_the_file(tmp_path, corruption)
 def test_missing_checkpoint_is_a_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "nope.ckpt")
+
+
+def test_process_that_leaves_the_training_loader_mid_epoch_exits(tmp_path):
+    """Training workers ignore SIGTERM, which multiprocessing's exit handler relies on to stop them:
+    without selfsup's own exit hook, a script that stops reading the loader mid-epoch hangs at exit."""
+    script = ("from selfsup.data.datamodule import SSLDataModule\n"
+              "data = SSLDataModule(batch_size=32, num_workers=2, image_size=16)\n"
+              "data.setup('fit')\n"
+              "batches = iter(data.train_dataloader())\n"
+              "next(batches); next(batches)\n"
+              "print('read two batches', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "read two batches" in done.stdout

@@ -12,6 +12,8 @@ have seen. Three choices make that hold regardless of workers, prefetching and r
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -55,6 +57,12 @@ class ResumableLoader(DataLoader):
 
     progress: Callable[[], tuple[int, int]] | None = None
 
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        if self.num_workers > 0:
+            _WORKER_ITERATORS.add(iterator)
+        return iterator
+
     def state_dict(self) -> dict[str, Any]:
         if self.progress is None:
             return {}
@@ -69,3 +77,17 @@ class ResumableLoader(DataLoader):
             self.sampler.resume(state["epoch"], 0)
             return
         self.sampler.resume(state["epoch"], state["samples_done"])
+
+
+# Training workers ignore SIGTERM (``selfsup.reliability.ignore_termination_in_worker``), so the
+# SIGTERM that multiprocessing's exit handler sends to its children would not stop them, and a process
+# that left a loader mid-epoch (a script, a notebook, an interrupted run) would hang at exit waiting
+# for them. atexit runs handlers last-registered first, so this one shuts the workers down (through the
+# DataLoader's own protocol) before multiprocessing's handler joins them.
+_WORKER_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_workers_at_exit() -> None:
+    for iterator in list(_WORKER_ITERATORS):
+        iterator._shutdown_workers()

@@ -38,7 +38,8 @@ def build(args: argparse.Namespace) -> tuple[SwAV, torch.optim.Optimizer]:
     torch.manual_seed(0)
     cifar_stem = args.model.startswith("resnet")
     model = SwAV(Encoder(args.model, cifar_stem=cifar_stem), proj_hidden_dim=args.proj_hidden_dim, proj_dim=128,
-                 num_prototypes=args.prototypes, freeze_prototypes_steps=0, channels_last=args.channels_last)
+                 num_prototypes=args.prototypes, freeze_prototypes_steps=0, channels_last=args.channels_last,
+                 micro_batch_size=args.micro_batch_size)
     return model.train(), torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18", help="timm name; ResNets get the CIFAR stem")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--micro-batch-size", type=int, default=None,
+                        help="encoder chunk size (model.micro_batch_size; per-chunk BatchNorm)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--prototypes", type=int, default=512)
@@ -76,10 +79,11 @@ def main() -> None:
         peak = matmul_peak_gflops(dtype)
         seconds = time_steps(step, batches, args.steps)
         crops_per_s = round(args.batch_size * len(fixed.views) / seconds, 2)
-        report(f"swav {args.model} {setting} {precision} with data", args.batch_size, seconds, flops, peak,
+        chunks = f" micro-batch {args.micro_batch_size}" if args.micro_batch_size else ""
+        report(f"swav {args.model} {setting} {precision}{chunks} with data", args.batch_size, seconds, flops, peak,
                batch_size=args.batch_size, threads=args.threads, workers=args.workers, crops=len(fixed.views),
                crops_per_s=crops_per_s, gflop_per_image=round(flops / args.batch_size / 1e9, 2),
-               prototypes=args.prototypes, precision=precision)
+               prototypes=args.prototypes, precision=precision, micro_batch_size=args.micro_batch_size)
         print(f"{'':<40} {crops_per_s:8.1f} crops/s, {flops / args.batch_size / 1e9:.2f} GFLOP per image", flush=True)
 
 

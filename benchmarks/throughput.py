@@ -27,7 +27,7 @@ from selfsup.models.encoder import Encoder  # noqa: E402
 def build(args: argparse.Namespace, channels_last: bool) -> tuple[SimCLR, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = SimCLR(Encoder(args.model, cifar_stem=True), proj_hidden_dim=512, proj_dim=128,
-                   channels_last=channels_last)
+                   channels_last=channels_last, micro_batch_size=args.micro_batch_size)
     return model.train(), torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--micro-batch-size", type=int, default=None,
+                        help="encoder chunk size (model.micro_batch_size; per-chunk BatchNorm)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precisions", default="fp32,bf16")
@@ -56,9 +58,10 @@ def main() -> None:
         for with_data in (True, False):
             source = batches if with_data else itertools.repeat(fixed)
             seconds = time_steps(step, source, args.steps)
-            report(f"simclr {args.model} {precision} {memory_format} {'with' if with_data else 'without'} data",
+            chunks = f" micro-batch {args.micro_batch_size}" if args.micro_batch_size else ""
+            report(f"simclr {args.model} {precision} {memory_format}{chunks} {'with' if with_data else 'without'} data",
                    args.batch_size, seconds, flops, peak, batch_size=args.batch_size, threads=args.threads,
-                   workers=args.workers)
+                   workers=args.workers, micro_batch_size=args.micro_batch_size)
 
 
 if __name__ == "__main__":

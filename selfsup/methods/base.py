@@ -59,6 +59,13 @@ class SSLMethod(L.LightningModule):
         min_lr_ratio: the cosine floor as a fraction of the effective rate.
         lr_batch_denominator: 256 for most methods; SimMIM scales per 512.
         channels_last: use the channels-last memory format (faster convolutions on CPU and GPU).
+        micro_batch_size: run the encoder over the views of one resolution in chunks of at most this
+            many images. Each chunk then has its own BatchNorm statistics ("ghost" batch norm: what
+            per-device BatchNorm without SyncBatchNorm does, or implementations that encode each view
+            separately); nothing else changes. On CPU, chunks whose activations stay in cache train
+            faster (benchmarks/README.md). ``None``: one pass per resolution, BatchNorm over all views
+            of the batch as in the SimCLR and SwAV papers. Models without BatchNorm (ViTs) are unaffected
+            numerically.
         max_consecutive_nonfinite: a step whose loss or gradient is NaN/Inf is skipped and counted; this
             many skips in a row stop the run with an error naming the step and the term.
         init_from: start a new run from the encoder weights of a selfsup checkpoint, an exported
@@ -69,7 +76,8 @@ class SSLMethod(L.LightningModule):
     def __init__(self, encoder: Encoder, optimizer: str = "adamw", base_lr: float = 1e-3,
                  weight_decay: float = 0.05, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_epochs: float = 10.0, min_lr_ratio: float = 0.0, lr_batch_denominator: int = 256,
-                 channels_last: bool = False, max_consecutive_nonfinite: int = 5, init_from: str | None = None):
+                 channels_last: bool = False, micro_batch_size: int | None = None,
+                 max_consecutive_nonfinite: int = 5, init_from: str | None = None):
         super().__init__()
         _check("optimizer", optimizer in OPTIMIZERS, optimizer, f"one of {OPTIMIZERS}")
         _check("base_lr", base_lr > 0, base_lr, "positive")
@@ -77,6 +85,8 @@ class SSLMethod(L.LightningModule):
         _check("warmup_epochs", warmup_epochs >= 0, warmup_epochs, ">= 0")
         _check("min_lr_ratio", 0 <= min_lr_ratio <= 1, min_lr_ratio, "in [0, 1]")
         _check("lr_batch_denominator", lr_batch_denominator > 0, lr_batch_denominator, "positive")
+        _check("micro_batch_size", micro_batch_size is None or micro_batch_size > 0, micro_batch_size,
+               "positive or null")
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder
         self.preprocessing: dict[str, Any] | None = None
@@ -87,6 +97,7 @@ class SSLMethod(L.LightningModule):
         self._images_this_epoch = self._skipped_this_epoch = 0
         self._rng_to_restore: list[dict[str, Any]] | None = None
         self.channels_last = channels_last
+        self.micro_batch_size = micro_batch_size
         if channels_last:
             self.encoder.to(memory_format=torch.channels_last)
 
@@ -98,14 +109,17 @@ class SSLMethod(L.LightningModule):
 
     # -- shared helpers for subclasses -----------------------------------------------------------
     def encode_views(self, views: list[Tensor]) -> list[Tensor]:
-        """Pooled features of every view, running the encoder once per distinct resolution."""
+        """Pooled features of every view, running the encoder once per distinct resolution (in chunks of
+        ``micro_batch_size`` images when set)."""
         out: list[Tensor | None] = [None] * len(views)
         for shape in dict.fromkeys(v.shape for v in views):
             idx = [i for i, v in enumerate(views) if v.shape == shape]
             x = torch.cat([views[i] for i in idx])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            for i, h in zip(idx, self.encoder(x).chunk(len(idx))):
+            chunks = x.split(self.micro_batch_size) if self.micro_batch_size else (x,)
+            features = torch.cat([self.encoder(chunk) for chunk in chunks])
+            for i, h in zip(idx, features.chunk(len(idx))):
                 out[i] = h
         return out  # type: ignore[return-value]
 

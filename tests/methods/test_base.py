@@ -127,3 +127,44 @@ def test_checkpoint_stores_preprocessing_and_encoder_config(tmp_path):
 def test_bad_optimizer_settings_name_the_key(key, value):
     with pytest.raises(ValueError, match=f"model.{key}="):
         SimCLR(Encoder("resnet18"), **{key: value})
+
+
+def _views(batch: int, size: int, seed: int) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, size, size, generator=g) for _ in range(2)]
+
+
+def test_micro_batches_give_batchnorm_statistics_per_chunk():
+    """``micro_batch_size`` = the encoder run separately on each chunk of the concatenated views (ghost
+    BatchNorm), with gradients reaching the encoder through every chunk."""
+    torch.manual_seed(0)
+    method = SimCLR(Encoder("test_resnet"), proj_hidden_dim=16, proj_dim=8, micro_batch_size=3).train()
+    views = _views(4, 16, seed=1)
+    chunked = method.encode_views(views)
+    x = torch.cat(views)
+    reference = torch.cat([method.encoder(x[i:i + 3]) for i in range(0, 8, 3)]).chunk(2)
+    for got, want in zip(chunked, reference):
+        torch.testing.assert_close(got, want)
+    method.micro_batch_size = None
+    whole = method.encode_views(views)
+    assert not torch.allclose(whole[0], chunked[0], atol=1e-4)  # BatchNorm really saw different batches
+    torch.cat(chunked).sum().backward()
+    assert all(p.grad is not None for p in method.encoder.parameters() if p.requires_grad)
+
+
+def test_micro_batches_leave_a_model_without_batchnorm_unchanged():
+    torch.manual_seed(0)
+    encoder = Encoder("vit_tiny_patch16_224", image_size=16, patch_size=4)
+    method = SimCLR(encoder, proj_hidden_dim=16, proj_dim=8).train()
+    views = _views(5, 16, seed=2)
+    with torch.no_grad():
+        whole = method.encode_views(views)
+        method.micro_batch_size = 2
+        chunked = method.encode_views(views)
+    for got, want in zip(chunked, whole):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_micro_batch_size_must_be_positive():
+    with pytest.raises(ValueError, match="micro_batch_size=0"):
+        SimCLR(Encoder("test_resnet"), micro_batch_size=0)

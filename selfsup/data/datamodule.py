@@ -56,7 +56,9 @@ class ViewDataset(Dataset):
         if seed is None:
             return self.views(image), label, index
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator only: torch.manual_seed also seeds every accelerator backend and costs
+            # ~150 us per sample, as much as the whole MAE augmentation
+            torch.default_generator.manual_seed(seed)
             return self.views(image), label, index
 
 

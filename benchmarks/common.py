@@ -7,6 +7,7 @@ command and the machine to ``benchmarks/results.jsonl``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import json
@@ -23,6 +24,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 RESULTS = Path(__file__).with_name("results.jsonl")
+
+
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every ResNet training-step benchmark takes: batch, steps, micro-batch, threads, workers."""
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--micro-batch-size", type=int, default=None,
+                        help="encoder chunk size (model.micro_batch_size; per-chunk BatchNorm)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
 
 
 def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import count_flops, endless_batches, matmul_peak_gflops, report, time_steps, training_step  # noqa: E402,E501
+from common import add_step_arguments, count_flops, endless_batches, matmul_peak_gflops, report, time_steps, training_step  # noqa: E402,E501
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
 from selfsup.data.transforms import Crops, MultiCropViews  # noqa: E402
@@ -53,12 +53,7 @@ def loader_batches(args: argparse.Namespace, local_crops: Crops):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet18", help="timm name; ResNets get the CIFAR stem")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--micro-batch-size", type=int, default=None,
-                        help="encoder chunk size (model.micro_batch_size; per-chunk BatchNorm)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2)
+    add_step_arguments(parser)
     parser.add_argument("--prototypes", type=int, default=512)
     parser.add_argument("--proj-hidden-dim", type=int, default=2048)
     parser.add_argument("--blur-p", type=float, default=0.5, help="the paper blurs every crop")

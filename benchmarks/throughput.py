@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import count_flops, endless_batches, matmul_peak_gflops, report, time_steps, training_step  # noqa: E402,E501
+from common import add_step_arguments, count_flops, endless_batches, matmul_peak_gflops, report, time_steps, training_step  # noqa: E402,E501
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
 from selfsup.methods.simclr import SimCLR  # noqa: E402
@@ -34,12 +34,7 @@ def build(args: argparse.Namespace, channels_last: bool) -> tuple[SimCLR, torch.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--micro-batch-size", type=int, default=None,
-                        help="encoder chunk size (model.micro_batch_size; per-chunk BatchNorm)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2)
+    add_step_arguments(parser)
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--memory-formats", default="channels_last,contiguous")
     args = parser.parse_args()

@@ -65,7 +65,8 @@ class SSLMethod(L.LightningModule):
             separately); nothing else changes. On CPU, chunks whose activations stay in cache train
             faster (benchmarks/README.md). ``None``: one pass per resolution, BatchNorm over all views
             of the batch as in the SimCLR and SwAV papers. Models without BatchNorm (ViTs) are unaffected
-            numerically.
+            numerically. Applies where a method encodes views with :meth:`encode_views` (SimCLR, SwAV);
+            MAE and SimMIM run their token-level encoders whole.
         max_consecutive_nonfinite: a step whose loss or gradient is NaN/Inf is skipped and counted; this
             many skips in a row stop the run with an error naming the step and the term.
         init_from: start a new run from the encoder weights of a selfsup checkpoint, an exported

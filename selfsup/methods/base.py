@@ -65,14 +65,16 @@ class SSLMethod(L.LightningModule):
             separately); nothing else changes. On CPU, chunks whose activations stay in cache train
             faster (benchmarks/README.md). ``None``: one pass per resolution, BatchNorm over all views
             of the batch as in the SimCLR and SwAV papers. Models without BatchNorm (ViTs) are unaffected
-            numerically. Applies where a method encodes views with :meth:`encode_views` (SimCLR, SwAV);
-            MAE and SimMIM run their token-level encoders whole.
+            numerically. Only for methods that encode views with :meth:`encode_views` (SimCLR, SwAV);
+            MAE and SimMIM run token-level encoders and reject it.
         max_consecutive_nonfinite: a step whose loss or gradient is NaN/Inf is skipped and counted; this
             many skips in a row stop the run with an error naming the step and the term.
         init_from: start a new run from the encoder weights of a selfsup checkpoint, an exported
             directory or its ``model.safetensors``, loaded when fit sets up. Different from ``--ckpt_path``,
             which resumes a run: its restored weights then replace these.
     """
+
+    encodes_views = True  # False where training_loss does not go through encode_views (micro-batches)
 
     def __init__(self, encoder: Encoder, optimizer: str = "adamw", base_lr: float = 1e-3,
                  weight_decay: float = 0.05, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
@@ -88,6 +90,8 @@ class SSLMethod(L.LightningModule):
         _check("lr_batch_denominator", lr_batch_denominator > 0, lr_batch_denominator, "positive")
         _check("micro_batch_size", micro_batch_size is None or micro_batch_size > 0, micro_batch_size,
                "positive or null")
+        _check("micro_batch_size", micro_batch_size is None or self.encodes_views, micro_batch_size,
+               f"null for {type(self).__name__}, whose encoder runs on tokens, not through encode_views")
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder
         self.preprocessing: dict[str, Any] | None = None
@@ -118,8 +122,10 @@ class SSLMethod(L.LightningModule):
             x = torch.cat([views[i] for i in idx])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            chunks = x.split(self.micro_batch_size) if self.micro_batch_size else (x,)
-            features = torch.cat([self.encoder(chunk) for chunk in chunks])
+            if self.micro_batch_size:
+                features = torch.cat([self.encoder(chunk) for chunk in x.split(self.micro_batch_size)])
+            else:
+                features = self.encoder(x)
             for i, h in zip(idx, features.chunk(len(idx))):
                 out[i] = h
         return out  # type: ignore[return-value]

@@ -53,6 +53,8 @@ class MAE(SSLMethod):
         **base: optimizer and schedule settings of :class:`SSLMethod`.
     """
 
+    encodes_views = False
+
     def __init__(self, encoder: Encoder, mask_ratio: float = 0.75, decoder_width: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True, **base):
         super().__init__(encoder, **base)

@@ -58,6 +58,8 @@ class SimMIM(SSLMethod):
         **base: optimizer and schedule settings of :class:`SSLMethod`.
     """
 
+    encodes_views = False
+
     def __init__(self, encoder: Encoder, mask_ratio: float = 0.6, mask_patch_size: int | None = None,
                  lr_batch_denominator: int = 512, **base):
         super().__init__(encoder, lr_batch_denominator=lr_batch_denominator, **base)

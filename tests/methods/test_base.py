@@ -168,3 +168,10 @@ def test_micro_batches_leave_a_model_without_batchnorm_unchanged():
 def test_micro_batch_size_must_be_positive():
     with pytest.raises(ValueError, match="micro_batch_size=0"):
         SimCLR(Encoder("test_resnet"), micro_batch_size=0)
+
+
+def test_token_level_methods_reject_micro_batches():
+    from selfsup.methods.mae import MAE
+
+    with pytest.raises(ValueError, match="micro_batch_size=4.*MAE"):
+        MAE(Encoder("vit_tiny_patch16_224", image_size=16, patch_size=4), micro_batch_size=4)

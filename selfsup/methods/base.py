@@ -60,9 +60,9 @@ class SSLMethod(L.LightningModule):
         lr_batch_denominator: 256 for most methods; SimMIM scales per 512.
         channels_last: use the channels-last memory format (faster convolutions on CPU and GPU).
         micro_batch_size: run the encoder over the views of one resolution in chunks of at most this
-            many images. Each chunk then has its own BatchNorm statistics ("ghost" batch norm: what
-            per-device BatchNorm without SyncBatchNorm does, or implementations that encode each view
-            separately); nothing else changes. On CPU, chunks whose activations stay in cache train
+            many images, drawn at random from all views of the batch. Each chunk then has its own
+            BatchNorm statistics ("ghost" batch norm, as per-device BatchNorm without SyncBatchNorm),
+            shuffled so that a view's chunk does not reveal its positives; nothing else changes. On CPU, chunks whose activations stay in cache train
             faster (benchmarks/README.md). ``None``: one pass per resolution, BatchNorm over all views
             of the batch as in the SimCLR and SwAV papers. Models without BatchNorm (ViTs) are unaffected
             numerically. Only for methods that encode views with :meth:`encode_views` (SimCLR, SwAV);
@@ -122,13 +122,22 @@ class SSLMethod(L.LightningModule):
             x = torch.cat([views[i] for i in idx])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if self.micro_batch_size:
-                features = torch.cat([self.encoder(chunk) for chunk in x.split(self.micro_batch_size)])
-            else:
-                features = self.encoder(x)
+            features = self._encode_in_chunks(x) if self.micro_batch_size else self.encoder(x)
             for i, h in zip(idx, features.chunk(len(idx))):
                 out[i] = h
         return out  # type: ignore[return-value]
+
+    def _encode_in_chunks(self, x: Tensor) -> Tensor:
+        """The encoder over chunks of ``micro_batch_size`` images of a random permutation of ``x``, its
+        features put back in ``x``'s order.
+
+        Shuffled, as MoCo's shuffling BN: split in order, chunk ``i`` of every view would hold the same
+        images, so the BatchNorm statistics of a positive's chunk would tell the loss where to look for
+        it, the leak that SimCLR's global BatchNorm exists to close. Shuffled, a chunk is a random sample
+        of views, and which chunk a view sits in says nothing about which views are its positives."""
+        order = torch.randperm(len(x), device=x.device)
+        features = torch.cat([self.encoder(chunk) for chunk in x[order].split(self.micro_batch_size)])
+        return features[torch.argsort(order)]
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

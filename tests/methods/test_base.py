@@ -134,22 +134,67 @@ def _views(batch: int, size: int, seed: int) -> list[Tensor]:
     return [torch.randn(batch, 3, size, size, generator=g) for _ in range(2)]
 
 
+def _record_chunks(method) -> list[Tensor]:
+    """Make ``method.encoder`` remember every batch it is called on."""
+    seen, forward = [], method.encoder.forward
+
+    def recording(x):
+        seen.append(x.detach().clone())
+        return forward(x)
+
+    method.encoder.forward = recording
+    return seen
+
+
+def _rows(chunk: Tensor, x: Tensor) -> list[int]:
+    """Indices of ``chunk``'s images in ``x``."""
+    same = (chunk.flatten(1)[:, None] == x.flatten(1)[None]).all(-1)
+    assert (same.sum(1) == 1).all()
+    return same.float().argmax(1).tolist()
+
+
 def test_micro_batches_give_batchnorm_statistics_per_chunk():
-    """``micro_batch_size`` = the encoder run separately on each chunk of the concatenated views (ghost
-    BatchNorm), with gradients reaching the encoder through every chunk."""
+    """``micro_batch_size`` = the encoder run separately on chunks of the concatenated views (ghost
+    BatchNorm): every view in exactly one chunk, its features those of its chunk, gradients reaching the
+    encoder through every chunk."""
     torch.manual_seed(0)
     method = SimCLR(Encoder("test_resnet"), proj_hidden_dim=16, proj_dim=8, micro_batch_size=3).train()
     views = _views(4, 16, seed=1)
-    chunked = method.encode_views(views)
-    x = torch.cat(views)
-    reference = torch.cat([method.encoder(x[i:i + 3]) for i in range(0, 8, 3)]).chunk(2)
-    for got, want in zip(chunked, reference):
-        torch.testing.assert_close(got, want)
+    seen = _record_chunks(method)
+    chunked = torch.cat(method.encode_views(views))
+    seen, x = list(seen), torch.cat(views)
+    assert [len(c) for c in seen] == [3, 3, 2]
+    rows = [_rows(c, x) for c in seen]
+    assert sorted(sum(rows, [])) == list(range(8))
+    for chunk, index in zip(seen, rows):
+        torch.testing.assert_close(chunked[index], method.encoder(chunk))
     method.micro_batch_size = None
-    whole = method.encode_views(views)
-    assert not torch.allclose(whole[0], chunked[0], atol=1e-4)  # BatchNorm really saw different batches
-    torch.cat(chunked).sum().backward()
+    whole = torch.cat(method.encode_views(views))
+    assert not torch.allclose(whole, chunked, atol=1e-4)  # BatchNorm really saw different batches
+    chunked.sum().backward()
     assert all(p.grad is not None for p in method.encoder.parameters() if p.requires_grad)
+
+
+def test_micro_batches_do_not_group_positives():
+    """Split in order, chunk i of view 0 and chunk i of view 1 would hold the same images, and BatchNorm
+    statistics would point each view to the chunk of its positive. Chunks are drawn at random instead:
+    the positives of one chunk's views are spread over other chunks."""
+    torch.manual_seed(0)
+    method = SimCLR(Encoder("test_resnet"), proj_hidden_dim=16, proj_dim=8, micro_batch_size=16).train()
+    views = _views(64, 8, seed=3)
+    seen = _record_chunks(method)
+    with torch.no_grad():
+        method.encode_views(views)
+    x = torch.cat(views)
+    chunk_of = {}
+    for c, chunk in enumerate(seen):
+        chunk_of.update({row: c for row in _rows(chunk, x)})
+    positive = lambda row: (row + 64) % 128  # noqa: E731
+    for c in range(len(seen)):
+        members = [row for row, k in chunk_of.items() if k == c]
+        assert len({chunk_of[positive(row)] for row in members}) > 1
+    in_order = [list(range(i, i + 16)) for i in range(0, 128, 16)]
+    assert sorted(sorted(k for k, c in chunk_of.items() if c == j) for j in range(8)) != in_order
 
 
 def test_micro_batches_leave_a_model_without_batchnorm_unchanged():

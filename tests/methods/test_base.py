@@ -105,6 +105,8 @@ def test_bias_and_norm_get_no_weight_decay(tmp_path, optimizer):
     assert type(trainer.optimizers[0]).__name__ == expected
     if optimizer == "sgd":
         assert trainer.optimizers[0].param_groups[0]["nesterov"] is False
+    if optimizer in ("adamw", "sgd"):
+        assert trainer.optimizers[0].defaults["fused"] is True
 
 
 def test_checkpoint_stores_preprocessing_and_encoder_config(tmp_path):

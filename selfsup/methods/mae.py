@@ -77,7 +77,7 @@ class MAE(SSLMethod):
     def pixel_targets(self, images: Tensor) -> Tensor:
         """The patches the decoder predicts ``(B, N, P)``, normalised per patch when ``norm_pix_loss``."""
         with full_precision(images.device.type):
-            patches = patchify(self.encoder._match_channels(images).float(), self.patch_size)
+            patches = patchify(self.encoder.match_channels(images).float(), self.patch_size)
             return normalized_patch_targets(patches) if self.norm_pix_loss else patches
 
     def training_loss(self, batch: Batch) -> dict[str, Tensor]:
@@ -91,7 +91,7 @@ class MAE(SSLMethod):
         """Masked input and reconstruction (visible patches pasted back), both ``(B, C, H, W)`` in the
         input's normalised pixel space; used by :class:`~selfsup.eval.reconstruction.ReconstructionImages`."""
         predictions, mask = self.predict(images, generator)
-        patches = patchify(self.encoder._match_channels(images).float(), self.patch_size)
+        patches = patchify(self.encoder.match_channels(images).float(), self.patch_size)
         predictions = predictions.float()
         if self.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
             mean, std = patch_statistics(patches)

@@ -104,7 +104,7 @@ class SimMIM(SSLMethod):
         images = batch.views[0]
         patch_mask = self.sample_mask(len(images), images.device)
         predictions = self.predict(images, patch_mask)
-        targets = self.encoder._match_channels(images)
+        targets = self.encoder.match_channels(images)
         loss = masked_l1(predictions, targets, self.pixel_mask(patch_mask))
         return {"loss": check_finite("SimMIM reconstruction loss", loss, self.global_step)}
 
@@ -114,7 +114,7 @@ class SimMIM(SSLMethod):
         input's normalised pixel space; used by :class:`~selfsup.eval.reconstruction.ReconstructionImages`."""
         patch_mask = self.sample_mask(len(images), images.device, generator)
         pixel_mask = self.pixel_mask(patch_mask)
-        images = self.encoder._match_channels(images).float()
+        images = self.encoder.match_channels(images).float()
         predictions = self.predict(images, patch_mask).float()
         return images * (1 - pixel_mask), predictions * pixel_mask + images * (1 - pixel_mask)
 

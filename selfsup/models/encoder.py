@@ -90,7 +90,9 @@ class Encoder(nn.Module):
         self.model.conv1 = nn.Conv2d(in_chans, conv.out_channels, 3, stride=1, padding=1, bias=False)
         self.model.maxpool = nn.Identity()
 
-    def _match_channels(self, x: Tensor) -> Tensor:
+    def match_channels(self, x: Tensor) -> Tensor:
+        """``x`` as the encoder sees it: grey images repeated to ``in_chans`` channels (a view, no copy);
+        methods that reconstruct pixels use it for their targets."""
         if x.shape[1] == self.in_chans:
             return x
         if x.shape[1] == 1:
@@ -99,13 +101,13 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Pooled pre-projector features ``(B, embed_dim)``: what probes read."""
-        return self.model(self._match_channels(x))
+        return self.model(self.match_channels(x))
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """Token features ``(B, N, embed_dim)`` for ViT-like models (prefix tokens included)."""
         if not self.is_vit:
             raise TypeError(f"forward_tokens needs a ViT-like model, not {self.config['name']!r}")
-        return self.model.forward_features(self._match_channels(x))
+        return self.model.forward_features(self.match_channels(x))
 
     # -- token-level access for masked image modeling (MAE, SimMIM) -------------------------------
     @property
@@ -127,7 +129,7 @@ class Encoder(nn.Module):
         """Patch embeddings ``(B, N, D)`` in row-major grid order, before positions and prefix tokens."""
         if not self.is_vit:
             raise TypeError(f"embed_patches needs a ViT-like model, not {self.config['name']!r}")
-        patches = self.model.patch_embed(self._match_channels(x))
+        patches = self.model.patch_embed(self.match_channels(x))
         return patches.flatten(1, -2)  # NLC (ViT) or NHWC (Swin) -> NLC
 
     def encode_patches(self, patches: Tensor, keep: Tensor | None = None) -> Tensor:

@@ -227,10 +227,11 @@ class SwAV(SSLMethod):
         if abs(loss.item() - collapsed_loss) < 1e-2:
             self._last_collapse_warning = step
             rank_zero_warn(f"SwAV loss {loss.item():.4f} at step {step} sits at ln(num_prototypes)="
-                           f"{collapsed_loss:.4f}: every prediction is uniform (collapse; see "
-                           "train/prediction_entropy). Use num_prototypes well above proj_dim (with fewer "
-                           "prototypes than dimensions all scores can be made equal), a lower base_lr, or "
-                           "more freeze_prototypes_steps")
+                           f"{collapsed_loss:.4f}: every prediction is uniform (see train/prediction_entropy). "
+                           "Early on and on small data SwAV's loss often stays here while the encoder still "
+                           "improves (judge by the kNN monitor or a probe, not the loss). If it stays: more "
+                           "freeze_prototypes_steps, a queue (queue_length) with small batches, num_prototypes "
+                           "well above proj_dim, or a lower base_lr")
 
     # -- prototype handling around the optimizer step --------------------------------------------
     def on_train_start(self) -> None:

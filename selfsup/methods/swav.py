@@ -229,7 +229,8 @@ class SwAV(SSLMethod):
             rank_zero_warn(f"SwAV loss {loss.item():.4f} at step {step} sits at ln(num_prototypes)="
                            f"{collapsed_loss:.4f}: every prediction is uniform (see train/prediction_entropy). "
                            "Early on and on small data SwAV's loss often stays here while the encoder still "
-                           "improves (judge by the kNN monitor or a probe, not the loss). If it stays: more "
+                           "improves (judge by the kNN monitor or a probe, not the loss). If it stays: local crops "
+                           "large enough to recognise the image (scale them up on small images), more "
                            "freeze_prototypes_steps, a queue (queue_length) with small batches, num_prototypes "
                            "well above proj_dim, or a lower base_lr")
 

@@ -40,7 +40,7 @@ def build(args: argparse.Namespace) -> tuple[SwAV, torch.optim.Optimizer]:
     model = SwAV(Encoder(args.model, cifar_stem=cifar_stem), proj_hidden_dim=args.proj_hidden_dim, proj_dim=128,
                  num_prototypes=args.prototypes, freeze_prototypes_steps=0, channels_last=args.channels_last,
                  micro_batch_size=args.micro_batch_size)
-    return model.train(), torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return model.train(), torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)  # as selfsup
 
 
 def loader_batches(args: argparse.Namespace, local_crops: Crops):

@@ -63,8 +63,8 @@ class SSLMethod(L.LightningModule):
         micro_batch_size: run the encoder over the views of one resolution in chunks of at most this
             many images, drawn at random from all views of the batch. Each chunk then has its own
             BatchNorm statistics ("ghost" batch norm, as per-device BatchNorm without SyncBatchNorm),
-            shuffled so that a view's chunk does not reveal its positives; nothing else changes. On CPU, chunks whose activations stay in cache train
-            faster (benchmarks/README.md). ``None``: one pass per resolution, BatchNorm over all views
+            shuffled so that a view's chunk does not reveal its positives; nothing else changes. On
+            CPU, chunks whose activations stay in cache train faster (benchmarks/README.md). ``None``: one pass per resolution, BatchNorm over all views
             of the batch as in the SimCLR and SwAV papers. Models without BatchNorm (ViTs) are unaffected
             numerically. Only for methods that encode views with :meth:`encode_views` (SimCLR, SwAV);
             MAE and SimMIM run token-level encoders and reject it.
@@ -218,7 +218,7 @@ class SSLMethod(L.LightningModule):
         extra = {"betas": tuple(hp.betas)} if hp.optimizer in ("adamw", "lamb") else {"momentum": hp.momentum}
         if hp.optimizer in FUSED_OPTIMIZERS and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
                                                     for p in self.parameters()):
-            extra["fused"] = True  # one kernel for all tensors: 4.5x faster than the loop on CPU (MAE ViT)
+            extra["fused"] = True  # one kernel for all tensors: about 4x faster than the loop on CPU
         opt = timm.optim.create_optimizer_v2(self, opt="momentum" if hp.optimizer == "sgd" else hp.optimizer,
                                              lr=lr, weight_decay=hp.weight_decay, **extra)
         total = self.trainer.estimated_stepping_batches

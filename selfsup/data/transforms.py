@@ -143,8 +143,8 @@ class MultiCropViews(ViewTransform):
     Gaussian blur (p=0.5) on every crop. ``local_crops: {count: 0, ...}`` turns multi-crop off.
 
     On small images scale the local crops up: on 28 px Fashion-MNIST, (0.05, 0.14) cuts 6-10 px regions
-    that say little about the garment, and SwAV's loss stayed at ln(K) from the demo's second epoch to
-    its end; ``recipes/demo/swav.yaml`` uses (0.14, 0.4).
+    that say little about the garment; ``recipes/demo/swav.yaml`` uses (0.14, 0.4) and records what it
+    changes.
     """
 
     def __init__(self, global_crops: Crops = Crops(2, 224, (0.14, 1.0)),

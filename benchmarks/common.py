@@ -36,6 +36,11 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2)
 
 
+def micro_batch_label(args: argparse.Namespace) -> str:
+    """`` micro-batch N`` for result names when ``--micro-batch-size`` is set, else empty."""
+    return f" micro-batch {args.micro_batch_size}" if args.micro_batch_size else ""
+
+
 def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:
     """Dense matmul throughput of this process (GFLOP/s): the denominator of MFU."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)

@@ -35,7 +35,7 @@ from common import count_flops, endless_batches, matmul_peak_gflops, report, tim
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
 from selfsup.data.transforms import MaskedImageView  # noqa: E402
-from selfsup.methods.base import SSLMethod  # noqa: E402
+from selfsup.methods.base import SSLMethod, create_optimizer  # noqa: E402
 from selfsup.methods.mae import MAE  # noqa: E402
 from selfsup.methods.simmim import SimMIM  # noqa: E402
 from selfsup.models.encoder import Encoder  # noqa: E402
@@ -78,8 +78,7 @@ def build(name: str, args: argparse.Namespace) -> SSLMethod:
 
 
 def make_step(model: SSLMethod, precision: str, clip: float | None):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                                  fused=True)  # as SSLMethod.configure_optimizers
+    optimizer = create_optimizer(model, "adamw", lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
 
     def step(batch) -> None:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()

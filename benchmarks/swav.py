@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_step_arguments, count_flops, endless_batches, matmul_peak_gflops, report, time_steps, training_step  # noqa: E402,E501
+from common import (add_step_arguments, count_flops, endless_batches, matmul_peak_gflops,  # noqa: E402
+                    micro_batch_label, report, time_steps, training_step)
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
 from selfsup.data.transforms import Crops, MultiCropViews  # noqa: E402
 from selfsup.methods.swav import SwAV  # noqa: E402
+from selfsup.methods.base import create_optimizer  # noqa: E402
 from selfsup.models.encoder import Encoder  # noqa: E402
 
 SETTINGS = {"multi-crop": Crops(4, 16, (0.05, 0.14)), "2-crop": Crops(0, 16, (0.05, 0.14))}
@@ -40,7 +42,7 @@ def build(args: argparse.Namespace) -> tuple[SwAV, torch.optim.Optimizer]:
     model = SwAV(Encoder(args.model, cifar_stem=cifar_stem), proj_hidden_dim=args.proj_hidden_dim, proj_dim=128,
                  num_prototypes=args.prototypes, freeze_prototypes_steps=0, channels_last=args.channels_last,
                  micro_batch_size=args.micro_batch_size)
-    return model.train(), torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)  # as selfsup
+    return model.train(), create_optimizer(model, "sgd", lr=0.01, weight_decay=0.0, momentum=0.9)
 
 
 def loader_batches(args: argparse.Namespace, local_crops: Crops):
@@ -74,7 +76,7 @@ def main() -> None:
         peak = matmul_peak_gflops(dtype)
         seconds = time_steps(step, batches, args.steps)
         crops_per_s = round(args.batch_size * len(fixed.views) / seconds, 2)
-        chunks = f" micro-batch {args.micro_batch_size}" if args.micro_batch_size else ""
+        chunks = micro_batch_label(args)
         report(f"swav {args.model} {setting} {precision}{chunks} with data", args.batch_size, seconds, flops, peak,
                batch_size=args.batch_size, threads=args.threads, workers=args.workers, crops=len(fixed.views),
                crops_per_s=crops_per_s, gflop_per_image=round(flops / args.batch_size / 1e9, 2),

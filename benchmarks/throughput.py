@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_step_arguments, count_flops, endless_batches, matmul_peak_gflops, report, time_steps, training_step  # noqa: E402,E501
+from common import (add_step_arguments, count_flops, endless_batches, matmul_peak_gflops,  # noqa: E402
+                    micro_batch_label, report, time_steps, training_step)
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
 from selfsup.methods.simclr import SimCLR  # noqa: E402
+from selfsup.methods.base import create_optimizer  # noqa: E402
 from selfsup.models.encoder import Encoder  # noqa: E402
 
 
@@ -28,7 +30,7 @@ def build(args: argparse.Namespace, channels_last: bool) -> tuple[SimCLR, torch.
     torch.manual_seed(0)
     model = SimCLR(Encoder(args.model, cifar_stem=True), proj_hidden_dim=512, proj_dim=128,
                    channels_last=channels_last, micro_batch_size=args.micro_batch_size)
-    return model.train(), torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)  # as selfsup
+    return model.train(), create_optimizer(model, "sgd", lr=0.01, weight_decay=0.0, momentum=0.9)
 
 
 def main() -> None:
@@ -53,7 +55,7 @@ def main() -> None:
         for with_data in (True, False):
             source = batches if with_data else itertools.repeat(fixed)
             seconds = time_steps(step, source, args.steps)
-            chunks = f" micro-batch {args.micro_batch_size}" if args.micro_batch_size else ""
+            chunks = micro_batch_label(args)
             report(f"simclr {args.model} {precision} {memory_format}{chunks} {'with' if with_data else 'without'} data",
                    args.batch_size, seconds, flops, peak, batch_size=args.batch_size, threads=args.threads,
                    workers=args.workers, micro_batch_size=args.micro_batch_size)

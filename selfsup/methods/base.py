@@ -11,7 +11,7 @@ import lightning as L
 import timm.optim
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
 from selfsup import reliability
 from selfsup.data.datamodule import Batch
@@ -19,6 +19,19 @@ from selfsup.models.encoder import Encoder
 
 OPTIMIZERS = ("adamw", "sgd", "lars", "lamb")
 FUSED_OPTIMIZERS = ("adamw", "sgd")  # torch.optim's, which have fused CPU and CUDA kernels
+
+
+def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, **options: Any
+                     ) -> torch.optim.Optimizer:
+    """The optimizer selfsup trains with: timm's factory (bias and norm parameters get no weight decay;
+    ``sgd`` is momentum SGD without Nesterov), with torch's fused kernel for AdamW and SGD when every
+    parameter allows it: one kernel for all tensors, about 4x faster than the per-tensor loop on CPU
+    (``benchmarks/optimizer.py``). ``name`` is one of ``OPTIMIZERS`` (checked where it is configured)."""
+    if name in FUSED_OPTIMIZERS and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                        for p in model.parameters()):
+        options["fused"] = True
+    return timm.optim.create_optimizer_v2(model, opt="momentum" if name == "sgd" else name, lr=lr,
+                                          weight_decay=weight_decay, **options)
 
 
 @contextlib.contextmanager
@@ -64,9 +77,9 @@ class SSLMethod(L.LightningModule):
             many images, drawn at random from all views of the batch. Each chunk then has its own
             BatchNorm statistics ("ghost" batch norm, as per-device BatchNorm without SyncBatchNorm),
             shuffled so that a view's chunk does not reveal its positives; nothing else changes. On
-            CPU, chunks whose activations stay in cache train faster (benchmarks/README.md). ``None``: one pass per resolution, BatchNorm over all views
-            of the batch as in the SimCLR and SwAV papers. Models without BatchNorm (ViTs) are unaffected
-            numerically. Only for methods that encode views with :meth:`encode_views` (SimCLR, SwAV);
+            CPU, chunks whose activations stay in cache train faster (benchmarks/README.md). ``None``:
+            one pass per resolution, BatchNorm over all views of the batch as in the SimCLR and SwAV
+            papers. Models without BatchNorm (ViTs) are unaffected numerically. Only for methods that encode views with :meth:`encode_views` (SimCLR, SwAV);
             MAE and SimMIM run token-level encoders and reject it.
         max_consecutive_nonfinite: a step whose loss or gradient is NaN/Inf is skipped and counted; this
             many skips in a row stop the run with an error naming the step and the term.
@@ -216,11 +229,7 @@ class SSLMethod(L.LightningModule):
         global_batch = self.global_batch_size()
         lr = hp.base_lr * global_batch / hp.lr_batch_denominator
         extra = {"betas": tuple(hp.betas)} if hp.optimizer in ("adamw", "lamb") else {"momentum": hp.momentum}
-        if hp.optimizer in FUSED_OPTIMIZERS and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
-                                                    for p in self.parameters()):
-            extra["fused"] = True  # one kernel for all tensors: about 4x faster than the loop on CPU
-        opt = timm.optim.create_optimizer_v2(self, opt="momentum" if hp.optimizer == "sgd" else hp.optimizer,
-                                             lr=lr, weight_decay=hp.weight_decay, **extra)
+        opt = create_optimizer(self, hp.optimizer, lr, hp.weight_decay, **extra)
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             if self.trainer.max_steps <= 0:

@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
@@ -46,6 +47,14 @@ class SelfSupCLI(LightningCLI):
         kwargs["plugins"] = default_plugins(kwargs.get("plugins", config.get("plugins")),
                                             bool(config.get("sync_batchnorm")))
         return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        """Leave out the progress bar with ``trainer.enable_progress_bar: false`` and the checkpoint
+        callbacks with ``trainer.enable_checkpointing: false``: Lightning refuses either flag beside the
+        callback it turns off."""
+        unwanted = (() if config.get("enable_progress_bar", True) is not False else (RichProgressBar,)) + \
+            (() if config.get("enable_checkpointing", True) is not False else (ModelCheckpoint, PreemptionCheckpoint))
+        return super()._instantiate_trainer(config, [c for c in callbacks if not isinstance(c, unwanted)])
 
 
 def trainer_defaults() -> dict:

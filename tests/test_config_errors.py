@@ -54,6 +54,20 @@ def test_cli_installs_atomic_checkpoints_preemption_and_cpu_sync_batchnorm(tmp_p
     assert plain._accelerator_connector._layer_sync is None, "BatchNorm is synced only when asked"
 
 
+def test_progress_bar_and_checkpointing_can_be_turned_off(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+
+    def kinds(trainer):
+        return {kind for kind in (ProgressBar, ModelCheckpoint, PreemptionCheckpoint)
+                if any(isinstance(c, kind) for c in trainer.callbacks)}
+
+    assert kinds(_cli(tmp_path).trainer) == {ProgressBar, ModelCheckpoint, PreemptionCheckpoint}
+    quiet = _cli(tmp_path, "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false")
+    assert kinds(quiet.trainer) == set()
+    assert kinds(_cli(tmp_path, "--trainer.enable_progress_bar", "false").trainer) == {ModelCheckpoint,
+                                                                                       PreemptionCheckpoint}
+
+
 def test_fsdp_configuration_is_validated(tmp_path):
     fsdp = ["--trainer.strategy", "lightning.pytorch.strategies.FSDPStrategy",
             "--trainer.strategy.auto_wrap_policy", "[timm.models.vision_transformer.Block]",

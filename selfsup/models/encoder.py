@@ -138,6 +138,7 @@ class Encoder(nn.Module):
         A ViT adds its position embeddings and prefix tokens, then, when ``keep`` ``(B, K)`` indexes
         patch tokens, runs its blocks on those only (MAE); it returns ``(B, prefix + K, D)``. A
         hierarchical model (Swin) runs its stages on the full grid and returns ``(B, N / stride^2, C)``.
+        Either way the tokens leave through the backbone's final norm (:meth:`token_norm`).
         """
         model, grid = self.model, self.model.patch_embed.grid_size
         if hasattr(model, "blocks"):
@@ -149,9 +150,20 @@ class Encoder(nn.Module):
                 prefix, body = tokens[:, :self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
                 body = body.gather(1, keep[..., None].expand(-1, -1, body.shape[-1]))
                 tokens = torch.cat([prefix, body], dim=1)
-            return model.norm(model.blocks(model.norm_pre(tokens)))
+            return self.token_norm(model.blocks(model.norm_pre(tokens)))
         if keep is not None:
             raise ValueError(f"{self.config['name']!r} cannot run on a subset of tokens (use a ViT)")
         grid_map = patches.unflatten(1, (patches.shape[1] // grid[1], grid[1]))  # Swin stages take NHWC
-        return model.norm(model.layers(grid_map)).flatten(1, 2)
+        return self.token_norm(model.layers(grid_map)).flatten(1, 2)
+
+    @property
+    def token_norm(self) -> nn.Module:
+        """The backbone's final norm, as the token-level objectives (MAE, SimMIM) apply it to every token.
+
+        A timm ViT built for average pooling (``pool: avg``) moves that LayerNorm behind the pooling
+        (``fc_norm``) and leaves ``norm`` an identity; the MAE and SimMIM papers normalise the tokens, so
+        ``fc_norm`` is used on them then. Otherwise it would get no gradient: never trained, and a parameter
+        that DDP (``find_unused_parameters=False``) stops the run for."""
+        norm, fc_norm = self.model.norm, getattr(self.model, "fc_norm", None)
+        return fc_norm if isinstance(norm, nn.Identity) and isinstance(fc_norm, nn.Module) else norm
 

@@ -25,8 +25,8 @@ FIT_IMAGE_SIZE = {"simclr": 32, "swav": 48}
 BASE = dict(optimizer="adamw", base_lr=1e-3, weight_decay=1e-4, warmup_epochs=0.0)
 
 
-def _tiny_vit() -> Encoder:
-    return Encoder("vit_tiny_patch16_224", image_size=IMAGE_SIZE, patch_size=4, pool="token",
+def _tiny_vit(pool: str = "token") -> Encoder:
+    return Encoder("vit_tiny_patch16_224", image_size=IMAGE_SIZE, patch_size=4, pool=pool,
                    model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})
 
 
@@ -45,7 +45,7 @@ def _mae(module, base: dict) -> tuple:
 def _simmim(module, base: dict) -> tuple:
     from selfsup.data.transforms import MaskedImageView
 
-    return module.SimMIM(_tiny_vit(), mask_ratio=0.5, **base), MaskedImageView()
+    return module.SimMIM(_tiny_vit(pool="avg"), mask_ratio=0.5, **base), MaskedImageView()  # as its recipes
 
 
 def _swav(module, base: dict) -> tuple:

@@ -53,6 +53,20 @@ def test_vit_pool_choice(pool):
     torch.testing.assert_close(enc.model.fc_norm(expected) if pool == "avg" else expected, enc(x))
 
 
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_encode_patches_leaves_through_the_final_layernorm(pool):
+    """MAE and SimMIM train through encode_patches: every token is layer-normalised (with ``pool: avg``
+    timm keeps that LayerNorm as ``fc_norm``), and every parameter of the encoder gets a gradient."""
+    enc = Encoder("vit_tiny_patch16_224", image_size=16, patch_size=4, pool=pool, model_kwargs={"depth": 1})
+    assert enc.token_norm is (enc.model.fc_norm if pool == "avg" else enc.model.norm)
+    tokens = enc.encode_patches(enc.embed_patches(torch.randn(2, 3, 16, 16)))
+    assert tokens.shape == (2, 1 + 16, 192)
+    torch.testing.assert_close(tokens.mean(-1), torch.zeros(2, 17), atol=1e-5, rtol=0)  # fresh LayerNorm: 0, 1
+    torch.testing.assert_close(tokens.var(-1, unbiased=False), torch.ones(2, 17), atol=1e-3, rtol=0)
+    (tokens * torch.randn_like(tokens)).sum().backward()
+    assert [n for n, p in enc.named_parameters() if p.grad is None] == []
+
+
 def test_bad_image_patch_sizes_name_both_and_suggest():
     with pytest.raises(ValueError, match=r"image_size=30 is not divisible by patch_size=4 \(use image_size 28 or 32"):
         Encoder("vit_tiny_patch16_224", image_size=30, patch_size=4)

@@ -23,17 +23,33 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from selfsup.memory import freed_memory_kept, keep_freed_memory
+
 RESULTS = Path(__file__).with_name("results.jsonl")
 
 
+def add_malloc_argument(parser: argparse.ArgumentParser, default: str = "keep") -> None:
+    parser.add_argument("--malloc", choices=("keep", "default"), default=default,
+                        help="keep: glibc keeps freed memory for the next step, as selfsup's CPU training does "
+                             "(selfsup.memory.keep_freed_memory); default: glibc's own settings")
+
+
+def apply_malloc(args: argparse.Namespace) -> None:
+    """Apply ``--malloc keep`` in this process (results rows record which allocator setting ran)."""
+    if args.malloc == "keep" and not keep_freed_memory():
+        print("--malloc keep: the C library is not glibc; measuring with its defaults", flush=True)
+
+
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every ResNet training-step benchmark takes: batch, steps, micro-batch, threads, workers."""
+    """The options every ResNet training-step benchmark takes: batch, steps, micro-batch, threads, workers,
+    and the allocator setting."""
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="encoder chunk size (model.micro_batch_size; per-chunk BatchNorm)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    add_malloc_argument(parser)
 
 
 def micro_batch_label(args: argparse.Namespace) -> str:
@@ -110,7 +126,8 @@ def training_step(model: Any, optimizer: torch.optim.Optimizer, precision: str =
 def record(row: dict[str, Any]) -> None:
     """Append a result row, with the command, the machine and the time, to results.jsonl."""
     with RESULTS.open("a") as f:
-        f.write(json.dumps({**row, "command": " ".join(sys.argv), "machine": machine(),
+        f.write(json.dumps({**row, "malloc": "keep" if freed_memory_kept() else "default",
+                            "command": " ".join(sys.argv), "machine": machine(),
                             "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
 
 

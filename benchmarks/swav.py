@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_step_arguments, count_flops, endless_batches, matmul_peak_gflops,  # noqa: E402
+from common import (add_step_arguments, apply_malloc, count_flops, endless_batches, matmul_peak_gflops,  # noqa: E402
                     micro_batch_label, report, time_steps, training_step)
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    apply_malloc(args)
 
     for setting, precision in itertools.product(args.settings.split(","), args.precisions.split(",")):
         batches, fixed = loader_batches(args, SETTINGS[setting])

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_step_arguments, count_flops, endless_batches, matmul_peak_gflops,  # noqa: E402
+from common import (add_step_arguments, apply_malloc, count_flops, endless_batches, matmul_peak_gflops,  # noqa: E402
                     micro_batch_label, report, time_steps, training_step)
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--memory-formats", default="channels_last,contiguous")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    apply_malloc(args)
 
     data = SSLDataModule(batch_size=args.batch_size, num_workers=args.workers, image_size=32)
     data.setup("fit")

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from selfsup import reliability
+from selfsup import memory, reliability
 from selfsup.data.datamodule import Batch
 from selfsup.models.encoder import Encoder
 
@@ -81,6 +81,10 @@ class SSLMethod(L.LightningModule):
             one pass per resolution, BatchNorm over all views of the batch as in the SimCLR and SwAV
             papers. Models without BatchNorm (ViTs) are unaffected numerically. Only for methods that encode views with :meth:`encode_views` (SimCLR, SwAV);
             MAE and SimMIM run token-level encoders and reject it.
+        keep_freed_memory: on CPU, keep the memory a step frees for the next step instead of handing it
+            back to the operating system (:func:`selfsup.memory.keep_freed_memory`, glibc only): each step
+            otherwise page-faults its activations in again. 1.2-1.4x faster CPU steps on our test machine, for
+            up to 1.5x the peak memory. Process-wide, applied when fit starts on a CPU; GPUs are unaffected.
         max_consecutive_nonfinite: a step whose loss or gradient is NaN/Inf is skipped and counted; this
             many skips in a row stop the run with an error naming the step and the term.
         init_from: start a new run from the encoder weights of a selfsup checkpoint, an exported
@@ -93,7 +97,7 @@ class SSLMethod(L.LightningModule):
     def __init__(self, encoder: Encoder, optimizer: str = "adamw", base_lr: float = 1e-3,
                  weight_decay: float = 0.05, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_epochs: float = 10.0, min_lr_ratio: float = 0.0, lr_batch_denominator: int = 256,
-                 channels_last: bool = False, micro_batch_size: int | None = None,
+                 channels_last: bool = False, micro_batch_size: int | None = None, keep_freed_memory: bool = True,
                  max_consecutive_nonfinite: int = 5, init_from: str | None = None):
         super().__init__()
         _check("optimizer", optimizer in OPTIMIZERS, optimizer, f"one of {OPTIMIZERS}")
@@ -155,6 +159,9 @@ class SSLMethod(L.LightningModule):
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        on_cpu = self.trainer.strategy.root_device.type == "cpu"  # the model moves to its device after setup
+        if stage == "fit" and on_cpu and self.hparams.get("keep_freed_memory", True):
+            memory.keep_freed_memory()
         if stage == "fit" and self.hparams.get("init_from") and not self.trainer.ckpt_path:
             from selfsup.export import init_encoder_from
 

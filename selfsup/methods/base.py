@@ -76,10 +76,11 @@ class SSLMethod(L.LightningModule):
         micro_batch_size: run the encoder over the views of one resolution in chunks of at most this
             many images, drawn at random from all views of the batch. Each chunk then has its own
             BatchNorm statistics ("ghost" batch norm, as per-device BatchNorm without SyncBatchNorm),
-            shuffled so that a view's chunk does not reveal its positives; nothing else changes. On
-            CPU, chunks whose activations stay in cache train faster (benchmarks/README.md). ``None``:
-            one pass per resolution, BatchNorm over all views of the batch as in the SimCLR and SwAV
-            papers. Models without BatchNorm (ViTs) are unaffected numerically. Only for methods that encode views with :meth:`encode_views` (SimCLR, SwAV);
+            shuffled so that a view's chunk does not reveal its positives; nothing else changes. It
+            bounds activation memory; with ``keep_freed_memory`` it no longer speeds CPU steps up
+            (benchmarks/README.md). ``None``: one pass per resolution, BatchNorm over all views of the
+            batch as in the SimCLR and SwAV papers. Models without BatchNorm (ViTs) are unaffected
+            numerically. Only for methods that encode views with :meth:`encode_views` (SimCLR, SwAV);
             MAE and SimMIM run token-level encoders and reject it.
         keep_freed_memory: on CPU, keep the memory a step frees for the next step instead of handing it
             back to the operating system (:func:`selfsup.memory.keep_freed_memory`, glibc only): each step

@@ -138,7 +138,7 @@ class Encoder(nn.Module):
         A ViT adds its position embeddings and prefix tokens, then, when ``keep`` ``(B, K)`` indexes
         patch tokens, runs its blocks on those only (MAE); it returns ``(B, prefix + K, D)``. A
         hierarchical model (Swin) runs its stages on the full grid and returns ``(B, N / stride^2, C)``.
-        Either way the tokens leave through the backbone's final norm (:meth:`token_norm`).
+        Either way the tokens leave through the backbone's final norm (:attr:`token_norm`).
         """
         model, grid = self.model, self.model.patch_embed.grid_size
         if hasattr(model, "blocks"):

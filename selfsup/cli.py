@@ -52,9 +52,12 @@ class SelfSupCLI(LightningCLI):
         """Leave out the progress bar with ``trainer.enable_progress_bar: false`` and the checkpoint
         callbacks with ``trainer.enable_checkpointing: false``: Lightning refuses either flag beside the
         callback it turns off."""
-        unwanted = (() if config.get("enable_progress_bar", True) is not False else (RichProgressBar,)) + \
-            (() if config.get("enable_checkpointing", True) is not False else (ModelCheckpoint, PreemptionCheckpoint))
-        return super()._instantiate_trainer(config, [c for c in callbacks if not isinstance(c, unwanted)])
+        unwanted: list[type] = []
+        if config.get("enable_progress_bar") is False:
+            unwanted.append(RichProgressBar)
+        if config.get("enable_checkpointing") is False:
+            unwanted += [ModelCheckpoint, PreemptionCheckpoint]
+        return super()._instantiate_trainer(config, [c for c in callbacks if not isinstance(c, tuple(unwanted))])
 
 
 def trainer_defaults() -> dict:

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_step_arguments, apply_malloc, count_flops, endless_batches, matmul_peak_gflops,  # noqa: E402
-                    micro_batch_label, report, time_steps, training_step)
+from common import (add_step_arguments, apply_conv, apply_malloc, count_flops, endless_batches,  # noqa: E402
+                    matmul_peak_gflops, micro_batch_label, report, time_steps, training_step)
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
 from selfsup.data.transforms import Crops, MultiCropViews  # noqa: E402
@@ -74,14 +74,16 @@ def main() -> None:
         step = training_step(model, optimizer, precision, before=model.prototypes.normalize_)
 
         flops = count_flops(lambda: step(fixed))
+        apply_conv(args, model)
         peak = matmul_peak_gflops(dtype)
         seconds = time_steps(step, batches, args.steps)
         crops_per_s = round(args.batch_size * len(fixed.views) / seconds, 2)
-        chunks = micro_batch_label(args)
+        chunks = micro_batch_label(args) + (" direct-conv" if args.conv == "direct" else "")
         report(f"swav {args.model} {setting} {precision}{chunks} with data", args.batch_size, seconds, flops, peak,
                batch_size=args.batch_size, threads=args.threads, workers=args.workers, crops=len(fixed.views),
                crops_per_s=crops_per_s, gflop_per_image=round(flops / args.batch_size / 1e9, 2),
-               prototypes=args.prototypes, precision=precision, micro_batch_size=args.micro_batch_size)
+               prototypes=args.prototypes, precision=precision, micro_batch_size=args.micro_batch_size,
+               conv=args.conv)
         print(f"{'':<40} {crops_per_s:8.1f} crops/s, {flops / args.batch_size / 1e9:.2f} GFLOP per image", flush=True)
 
 

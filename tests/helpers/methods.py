@@ -31,7 +31,8 @@ def _tiny_vit(pool: str = "token") -> Encoder:
 
 
 def _simclr(module, base: dict) -> tuple:
-    method = module.SimCLR(Encoder("test_resnet"), proj_hidden_dim=32, proj_dim=16, **base)
+    encoder = base.pop("encoder", None) or Encoder("test_resnet")
+    method = module.SimCLR(encoder, proj_hidden_dim=32, proj_dim=16, **base)
     return method, ContrastiveViews(blur_p=0.0)
 
 
@@ -66,7 +67,7 @@ METHODS = list(FACTORIES)
 
 def build(name: str, seed: int = 0, **overrides) -> tuple:
     """``(method, views)`` for ``name``, with weights from ``seed``; skips a method not written yet.
-    ``overrides`` are :class:`SSLMethod` arguments."""
+    ``overrides`` are :class:`SSLMethod` arguments (and, for SimCLR, ``encoder``)."""
     module_name, factory = FACTORIES[name]
     try:
         importlib.import_module(module_name)

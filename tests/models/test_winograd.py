@@ -1,0 +1,170 @@
+"""Winograd convolution (selfsup.models.winograd) against torch's direct convolution."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfsup.models.encoder import Encoder
+from selfsup.models.winograd import WinogradConv2d, use_winograd, winograd_conv3x3
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _conv_and_grads(conv, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor | None = None):
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    y = conv(x, w)
+    grad = torch.randn_like(y) if grad is None else grad
+    return (y, *torch.autograd.grad(y, (x, w), grad)), grad
+
+
+# (N, C, K, H, W): tiles that divide the map, ones that don't (7x5, 9x12), and maps smaller than a tile
+SHAPES = [(3, 5, 7, 4, 4), (2, 3, 4, 7, 5), (2, 6, 6, 1, 1), (4, 8, 8, 2, 2), (2, 4, 5, 9, 12), (2, 4, 3, 8, 8)]
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_output_and_gradients_equal_direct_convolution_in_float64(tile, shape, channels_last):
+    n, c, k, h, w = shape
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.randn(k, c, 3, 3, dtype=torch.float64)
+    ours, grad = _conv_and_grads(lambda a, b: winograd_conv3x3(a, b, tile), x, weight)
+    direct, _ = _conv_and_grads(lambda a, b: F.conv2d(a, b, padding=1), x, weight, grad)
+    for name, a, b in zip(("output", "input gradient", "weight gradient"), ours, direct):
+        assert a.shape == b.shape, name
+        assert _relative_error(a, b) < 1e-13, name  # the transforms are exact: float64 rounding only
+    assert ours[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: winograd_conv3x3(a, b, 4), (x, w))
+
+
+@pytest.mark.parametrize("channels,size", [(64, 32), (128, 16), (512, 4)])
+def test_float32_differs_from_direct_convolution_by_rounding_only(channels, size):
+    torch.manual_seed(0)
+    x = torch.randn(8, channels, size, size).to(memory_format=torch.channels_last)
+    w = torch.randn(channels, channels, 3, 3) / (9 * channels) ** 0.5
+    ours, grad = _conv_and_grads(lambda a, b: winograd_conv3x3(a, b, 4), x, w)
+    direct, _ = _conv_and_grads(lambda a, b: F.conv2d(a, b, padding=1), x, w, grad)
+    for a, b in zip(ours, direct):
+        assert _relative_error(a, b) < 5e-5
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="tile must be one of"):
+        winograd_conv3x3(torch.randn(1, 2, 4, 4), torch.randn(2, 2, 3, 3), tile=3)
+    with pytest.raises(ValueError, match=r"\(K, C, 3, 3\) weight"):
+        winograd_conv3x3(torch.randn(1, 2, 4, 4), torch.randn(2, 3, 3, 3))
+
+
+@pytest.mark.parametrize("size", [1, 2, 5])  # the centre tap alone, F(2x2, 3x3), F(4x4, 3x3)
+def test_module_with_bias_equals_conv2d(size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1).double()
+    model = nn.Sequential(nn.Conv2d(6, 5, 3, padding=1).double())
+    model[0].load_state_dict(conv.state_dict())
+    assert use_winograd(model, min_channels=1) == 1 and isinstance(model[0], WinogradConv2d)
+    x = torch.randn(3, 6, size, size, dtype=torch.float64)
+    grad = torch.randn(3, 5, size, size, dtype=torch.float64)
+    outputs, grads = [], []
+    for module in (conv, model):
+        xr = x.clone().requires_grad_()
+        out = module(xr)
+        out.backward(grad)
+        outputs.append(out)
+        grads.append([xr.grad, *(p.grad for p in module.parameters())])
+    assert _relative_error(outputs[1], outputs[0]) < 1e-13
+    for ours, direct in zip(grads[1], grads[0]):
+        assert _relative_error(ours, direct) < 1e-13
+
+
+def test_use_winograd_swaps_wide_stride_1_convolutions_and_keeps_parameters():
+    torch.manual_seed(0)
+    encoder = Encoder("resnet18", cifar_stem=True)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    params = {name: p for name, p in encoder.named_parameters()}
+    x = torch.randn(4, 3, 32, 32)
+    encoder.eval()
+    direct = encoder(x)
+
+    assert use_winograd(encoder) == 9
+    swapped = sorted(n for n, m in encoder.named_modules() if isinstance(m, WinogradConv2d))
+    assert swapped == sorted(f"model.layer{i}.{b}.conv{j}" for i in (2, 3, 4) for b, j in ((0, 2), (1, 1), (1, 2)))
+    # the stem, 64-channel layer1, stride-2 and 1x1 downsampling convolutions stay direct
+    assert type(encoder.model.layer1[0].conv1) is nn.Conv2d and type(encoder.model.layer2[0].conv1) is nn.Conv2d
+    # same parameter objects (an optimizer built before keeps working), same state dict
+    assert all(p is params[name] for name, p in encoder.named_parameters())
+    after = encoder.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert _relative_error(encoder(x), direct) < 1e-4
+    assert use_winograd(encoder) == 0  # idempotent
+
+
+def test_falls_back_to_direct_convolution_under_autocast():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1))
+    model[0].load_state_dict(conv.state_dict())
+    use_winograd(model, min_channels=1)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(x), conv(x))  # the same bf16 kernel, bit for bit
+    assert not torch.equal(model(x), conv(x))  # float32: a different algorithm, so different rounding
+    assert _relative_error(model(x), conv(x)) < 1e-5
+
+
+def test_training_steps_match_direct_convolution_up_to_rounding():
+    """Three SGD steps of SimCLR on a ResNet-18 with Winograd convolutions move the weights as direct
+    convolution does, within the difference between two direct runs that round differently (NCHW and
+    channels-last, different oneDNN kernels)."""
+    from selfsup.data.transforms import ContrastiveViews
+    from selfsup.methods.base import create_optimizer
+    from selfsup.methods.simclr import SimCLR
+    from tests.helpers.methods import synthetic_batch
+
+    batches = [synthetic_batch(ContrastiveViews(blur_p=0.0), 16, seed=i) for i in range(3)]
+
+    def train(winograd: bool, channels_last: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = SimCLR(Encoder("resnet18", cifar_stem=True), proj_hidden_dim=64, proj_dim=32,
+                       channels_last=channels_last)
+        start = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        if winograd:
+            assert use_winograd(model.encoder) == 9
+        optimizer = create_optimizer(model, "sgd", lr=0.05, weight_decay=0.0, momentum=0.9)
+        for batch in batches:
+            model.training_loss(batch)["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return {k: model.state_dict()[k] - v for k, v in start.items()}  # what the steps changed
+
+    def difference(a: dict, b: dict) -> float:
+        return max(_relative_error(a[k], b[k]) for k in a if b[k].abs().max() > 0)
+
+    direct_nchw, direct_nhwc, ours = train(False, False), train(False, True), train(True, True)
+    rounding = difference(direct_nchw, direct_nhwc)
+    assert 0 < rounding < 0.05
+    assert difference(ours, direct_nhwc) <= 1.5 * rounding
+    assert difference(ours, direct_nchw) <= 1.5 * rounding
+
+
+@pytest.mark.parametrize("winograd", [True, False])
+def test_cpu_fit_uses_winograd_unless_turned_off(tmp_path, winograd):
+    from tests.helpers.methods import tiny_fit
+
+    method, _ = tiny_fit("simclr", tmp_path, 1, model_overrides={"winograd": winograd,
+                                                                 "encoder": Encoder("resnet18", cifar_stem=True)})
+    swapped = [m for m in method.encoder.modules() if isinstance(m, WinogradConv2d)]
+    assert len(swapped) == (9 if winograd else 0)

@@ -54,19 +54,48 @@ def _tiles(h: int, w: int, tile: int) -> tuple[int, int]:
     return -(-h // tile), -(-w // tile)
 
 
+def _gather_tiles(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """The overlapping ``(m+2) x (m+2)`` tiles of ``x`` (N, C, H, W) padded by 1, as an
+    ``((m+2)^2, tiles * C)`` matrix, in one pass: each of the ``(m+2)^2`` tile positions is one strided copy
+    of ``x``, with zeros where it falls on the padding."""
+    n, c, h, w = x.shape
+    a = tile + 2
+    th, tw = _tiles(h, w, tile)
+    xh = x.permute(0, 2, 3, 1)  # N, H, W, C
+    d = x.new_empty(a, a, n, th, tw, c)
+    rows = [_valid(i, tile, th, h) for i in range(a)]
+    cols = [_valid(j, tile, tw, w) for j in range(a)]
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            out = d[i, j]
+            if r1 <= r0 or c1 <= c0:
+                out.zero_()
+                continue
+            out[:, :r0].zero_()
+            out[:, r1:].zero_()
+            out[:, r0:r1, :c0].zero_()
+            out[:, r0:r1, c1:].zero_()
+            first_row, first_col = r0 * tile + i - 1, c0 * tile + j - 1
+            out[:, r0:r1, c0:c1] = xh[:, first_row::tile, first_col::tile][:, :r1 - r0, :c1 - c0]
+    return d.view(a * a, -1)
+
+
+def _valid(offset: int, tile: int, tiles: int, size: int) -> tuple[int, int]:
+    """The tiles ``[first, last)`` whose element at ``offset`` (row ``t * tile + offset - 1``) is inside the image."""
+    first = 1 if offset == 0 else 0
+    last = min(tiles, (size - offset) // tile + 1) if size - offset >= 0 else 0
+    return first, last
+
+
 def _input_transform(x: torch.Tensor, tile: int) -> torch.Tensor:
     """``B^T d B`` for every overlapping ``(m+2) x (m+2)`` tile of ``x`` (N, C, H, W), padded by 1.
 
     Returns V of shape ``((m+2)^2, tiles, C)``: one GEMM operand per transform element.
     """
     n, c, h, w = x.shape
-    a = tile + 2
     th, tw = _tiles(h, w, tile)
-    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, tw * tile + 1 - w, 1, th * tile + 1 - h))  # N, H', W', C
-    s = xp.stride()
-    d = xp.as_strided((a, a, n, th, tw, c), (s[1], s[2], s[0], tile * s[1], tile * s[2], s[3]), xp.storage_offset())
     bb = _matrices(tile, x.dtype)[0]
-    return (bb @ d.reshape(a * a, -1)).view(a * a, n * th * tw, c)
+    return (bb @ _gather_tiles(x, tile)).view(bb.shape[0], n * th * tw, c)
 
 
 def _output_transform(m: torch.Tensor, tile: int, n: int, h: int, w: int, channels_last: bool) -> torch.Tensor:
@@ -118,7 +147,9 @@ class _WinogradConv3x3(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # adjoints of the output and weight transforms, around dU = V^T dM
             k = grad.shape[1]
             th, tw = _tiles(h, w, tile)
-            g = F.pad(grad.permute(0, 2, 3, 1), (0, 0, 0, tw * tile - w, 0, th * tile - h))
+            g = grad.permute(0, 2, 3, 1)
+            if (th * tile, tw * tile) != (h, w):
+                g = F.pad(g, (0, 0, 0, tw * tile - w, 0, th * tile - h))
             g = g.reshape(n, th, tile, tw, tile, k).permute(2, 4, 0, 1, 3, 5).reshape(tile * tile, -1)
             bb, gg, aa = _matrices(tile, grad.dtype)
             grad_m = (aa.t() @ g).view(-1, n * th * tw, k)

@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from selfsup.memory import freed_memory_kept, keep_freed_memory
-from selfsup.models.winograd import use_winograd
+from selfsup.models.cpu_conv import use_cpu_convolutions
 
 RESULTS = Path(__file__).with_name("results.jsonl")
 
@@ -50,17 +50,17 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encoder chunk size (model.micro_batch_size; per-chunk BatchNorm)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--conv", choices=("winograd", "direct"), default="winograd",
-                        help="winograd: wide 3x3 convolutions by Winograd's algorithm, as selfsup's CPU training "
-                             "does (selfsup.models.winograd); direct: torch's own convolutions")
+    parser.add_argument("--conv", choices=("selfsup", "direct"), default="selfsup",
+                        help="selfsup: Winograd and GEMM convolutions as selfsup's CPU training runs them "
+                             "(selfsup.models.cpu_conv); direct: torch's own convolutions")
     add_malloc_argument(parser)
 
 
 def apply_conv(args: argparse.Namespace, model: torch.nn.Module) -> None:
-    """Apply ``--conv winograd`` to ``model``'s encoder. Call it after counting FLOPs: MFU counts the model's
+    """Apply ``--conv selfsup`` to ``model``'s encoder. Call it after counting FLOPs: MFU counts the model's
     FLOPs (direct convolution), not the fewer that Winograd's algorithm performs."""
-    if args.conv == "winograd":
-        use_winograd(model.encoder)
+    if args.conv == "selfsup":
+        use_cpu_convolutions(model.encoder)
 
 
 def micro_batch_label(args: argparse.Namespace) -> str:

@@ -155,16 +155,17 @@ def test_every_parameter_gets_a_gradient(name):
 
 # -- Lightning end to end --------------------------------------------------------------------------
 class _CheckRanksAgree(L.Callback):
-    """On every rank after fit: BatchNorm was synced, and the weights are identical across ranks (and, with
-    ``winograd`` set, that many convolutions ran by Winograd's algorithm)."""
+    """On every rank after fit: BatchNorm was synced, and the weights are identical across ranks (and that
+    many convolutions ran by selfsup's CPU algorithms: ``(Winograd, GEMM)``)."""
 
-    def __init__(self, winograd: int = 0):
-        self.winograd = winograd
+    def __init__(self, cpu_convolutions: tuple[int, int] = (0, 0)):
+        self.cpu_convolutions = cpu_convolutions
 
     def on_train_end(self, trainer, module):
-        from selfsup.models.winograd import WinogradConv2d
+        from selfsup.models.cpu_conv import GemmConv2d, WinogradConv2d
 
-        assert sum(isinstance(m, WinogradConv2d) for m in module.modules()) == self.winograd
+        counts = tuple(sum(isinstance(m, cls) for m in module.modules()) for cls in (WinogradConv2d, GemmConv2d))
+        assert counts == self.cpu_convolutions, counts
         assert trainer.world_size == 2 and trainer.global_step == 2
         assert module.global_batch_size() == 8  # 4 per process x 2 processes: the learning-rate batch
         has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
@@ -178,16 +179,17 @@ class _CheckRanksAgree(L.Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["simclr", "simmim", "simclr-winograd"])
+@pytest.mark.parametrize("name", ["simclr", "simmim", "simclr-cpu-conv"])
 def test_lightning_ddp_on_two_cpu_processes(tmp_path, name):
     """Lightning's DDP (``find_unused_parameters=False``, its default) stops at the second step if a
     parameter got no gradient: SimMIM with ``pool: avg`` (its recipes) once left the ViT's ``fc_norm`` out.
-    ``simclr-winograd``: a ResNet-18 whose wide convolutions run by Winograd's algorithm on CPU."""
+    ``simclr-cpu-conv``: a ResNet-18 whose convolutions run by selfsup's CPU algorithms (Winograd, GEMM)."""
     from selfsup.models.encoder import Encoder
     from tests.helpers.methods import tiny_fit
 
-    winograd = name == "simclr-winograd"
-    overrides = {"encoder": Encoder("resnet18", cifar_stem=True)} if winograd else {}
-    method, trainer = tiny_fit(name.split("-")[0], tmp_path, 2, callbacks=[_CheckRanksAgree(9 if winograd else 0)],
+    resnet18 = name == "simclr-cpu-conv"
+    overrides = {"encoder": Encoder("resnet18", cifar_stem=True)} if resnet18 else {}
+    check = _CheckRanksAgree((9, 2) if resnet18 else (0, 0))
+    method, trainer = tiny_fit(name.split("-")[0], tmp_path, 2, callbacks=[check],
                                devices=2, strategy="ddp_spawn", sync_batchnorm=True, model_overrides=overrides)
     assert trainer.state.finished  # the checks above ran on both ranks; a failure there fails the spawn

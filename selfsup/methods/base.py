@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from selfsup import memory, reliability
 from selfsup.data.datamodule import Batch
 from selfsup.models.encoder import Encoder
-from selfsup.models.winograd import use_winograd
+from selfsup.models.cpu_conv import use_cpu_convolutions
 
 OPTIMIZERS = ("adamw", "sgd", "lars", "lamb")
 FUSED_OPTIMIZERS = ("adamw", "sgd")  # torch.optim's, which have fused CPU and CUDA kernels
@@ -87,12 +87,13 @@ class SSLMethod(L.LightningModule):
             back to the operating system (:func:`selfsup.memory.keep_freed_memory`, glibc only): each step
             otherwise page-faults its activations in again. 1.2-1.4x faster CPU steps on our test machine, for
             up to 1.5x the peak memory. Process-wide, applied when fit starts on a CPU; GPUs are unaffected.
-        winograd: on CPU, run the encoder's 3x3 stride-1 convolutions of at least 128 channels by
-            Winograd's F(4x4, 3x3) (:mod:`selfsup.models.winograd`): 2.25 instead of 9 multiplications per
-            output, the same parameters and state dict, results equal to direct convolution up to rounding
-            (about 1e-5 relative in float32). A ResNet-18 step at 32 px ran 1.4x faster on our test
-            machine. Applied when the model is set up on a CPU; float32 only (autocast and GPUs convolve
-            directly, GPU libraries choose Winograd themselves).
+        cpu_conv: on CPU, run the encoder's 3x3 convolutions with selfsup's CPU algorithms
+            (:mod:`selfsup.models.cpu_conv`): stride-1 layers of at least 128 channels by Winograd's
+            F(4x4, 3x3) (2.25 instead of 9 multiplications per output), stride-2 layers onto maps of at most
+            4x4 by one GEMM. Same parameters and state dict; results equal direct convolution up to float32
+            rounding. A ResNet-18 step at 32 px ran 1.4x faster on our test machine. Applied when the model
+            is set up on a CPU; float32 only (autocast and GPUs convolve as torch does, and GPU libraries
+            choose such algorithms themselves).
         max_consecutive_nonfinite: a step whose loss or gradient is NaN/Inf is skipped and counted; this
             many skips in a row stop the run with an error naming the step and the term.
         init_from: start a new run from the encoder weights of a selfsup checkpoint, an exported
@@ -106,7 +107,7 @@ class SSLMethod(L.LightningModule):
                  weight_decay: float = 0.05, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_epochs: float = 10.0, min_lr_ratio: float = 0.0, lr_batch_denominator: int = 256,
                  channels_last: bool = False, micro_batch_size: int | None = None, keep_freed_memory: bool = True,
-                 winograd: bool = True, max_consecutive_nonfinite: int = 5, init_from: str | None = None):
+                 cpu_conv: bool = True, max_consecutive_nonfinite: int = 5, init_from: str | None = None):
         super().__init__()
         _check("optimizer", optimizer in OPTIMIZERS, optimizer, f"one of {OPTIMIZERS}")
         _check("base_lr", base_lr > 0, base_lr, "positive")
@@ -170,8 +171,8 @@ class SSLMethod(L.LightningModule):
         on_cpu = self.trainer.strategy.root_device.type == "cpu"  # the model moves to its device after setup
         if stage == "fit" and on_cpu and self.hparams.get("keep_freed_memory", True):
             memory.keep_freed_memory()
-        if on_cpu and self.hparams.get("winograd", True):
-            use_winograd(self.encoder)
+        if on_cpu and self.hparams.get("cpu_conv", True):
+            use_cpu_convolutions(self.encoder)
         if stage == "fit" and self.hparams.get("init_from") and not self.trainer.ckpt_path:
             from selfsup.export import init_encoder_from
 

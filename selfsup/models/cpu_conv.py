@@ -1,25 +1,28 @@
-"""Winograd convolution for 3x3 stride-1 layers on CPU.
+"""Convolution algorithms for CPU training, where torch's own (oneDNN, direct convolution) leave speed behind.
 
-Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016): a 3x3 convolution computed
-tile by tile as ``Y = A^T [(G g G^T) * (B^T d B)] A`` needs ``(m + 2)^2`` multiplications per ``m x m``
-output tile instead of ``9 m^2``. With ``m = 4`` that is 2.25 multiplications per output instead of 9.
-Written as matrices, the ``(m + 2)^2`` elementwise products over channels become as many batched GEMMs, and
-the three passes of training (forward, input gradient, weight gradient) all run in the Winograd domain.
+torch's CPU convolutions always convolve directly, and on the small feature maps of a ResNet's later stages
+they run well below the matmul peak (on the 2-core benchmark host, 512 images through a 512-channel 3x3
+layer at 4x4: 246 GFLOP/s forward against 330 for a large matmul; a stride-2 layer onto 2x2 maps: about 105).
+GPU libraries choose their algorithm per layer themselves (cuDNN picks Winograd and GEMM forms); this module
+does it for CPUs, for two cases:
 
-GPU libraries pick Winograd themselves (cuDNN does); torch's CPU convolutions (oneDNN) always convolve
-directly, and at the small spatial sizes of a ResNet's later stages they run well below the matmul peak.
-On the 2-core benchmark host, forward + backward of a ResNet-18 (CIFAR stem, 32 px, 512 images) took
-7.2 s directly and 5.1 s with the convolutions of at least 128 channels in Winograd form
-(``benchmarks/README.md``, round 5).
+- **3x3 stride-1 layers of at least 128 channels: Winograd's algorithm.** Lavin & Gray, "Fast Algorithms for
+  Convolutional Neural Networks" (CVPR 2016): computed tile by tile as ``Y = A^T [(G g G^T) * (B^T d B)] A``,
+  an ``m x m`` output tile needs ``(m + 2)^2`` multiplications instead of ``9 m^2``: with ``m = 4``, 2.25 per
+  output instead of 9. The ``(m + 2)^2`` elementwise products over channels are as many batched GEMMs, and
+  forward, input gradient and weight gradient all run in the Winograd domain. Outputs and gradients differ
+  from direct convolution by rounding: about 1e-5 relative to their largest value in float32 (``m = 2``:
+  3e-6); the transforms are exact, which ``tests/models/test_cpu_conv.py`` checks in float64.
+- **3x3 stride-2 layers onto maps of at most 4x4: one GEMM** over the unfolded input (im2col), where
+  oneDNN's strided kernels are slowest. Same multiplications as direct convolution, float32 rounding only.
 
-The arithmetic differs from direct convolution by rounding only: outputs and gradients agree to about
-1e-5 relative to their largest value in float32 (``m = 4``; ``m = 2`` about 3e-6). The transforms are
-exact; ``tests/test_winograd.py`` checks them in float64 against ``torch.nn.functional.conv2d``.
+On the benchmark host, forward + backward of a ResNet-18 (CIFAR stem, 32 px, 512 images) took 7.2 s directly
+and 5.1 s with the Winograd layers (``benchmarks/README.md``, round 5).
 
-:class:`WinogradConv2d` is an ``nn.Conv2d`` with the same parameters and state dict. It falls back to
-``nn.Conv2d.forward`` for every input it does not cover: a GPU tensor, half precision, or autocast.
-:func:`use_winograd` swaps it into a model in place; ``SSLMethod`` does this when it runs on a CPU
-(``winograd: true``, the default).
+:class:`WinogradConv2d` and :class:`GemmConv2d` are ``nn.Conv2d`` s with the same parameters and state dict.
+They fall back to ``nn.Conv2d.forward`` for every input they do not cover: a GPU tensor, half precision or
+autocast (and, for :class:`GemmConv2d`, a larger map). :func:`use_cpu_convolutions` swaps them into a model
+in place; ``SSLMethod`` does this when it is set up on a CPU (``cpu_conv: true``, the default).
 """
 from __future__ import annotations
 
@@ -71,10 +74,9 @@ def _gather_tiles(x: torch.Tensor, tile: int) -> torch.Tensor:
             if r1 <= r0 or c1 <= c0:
                 out.zero_()
                 continue
-            out[:, :r0].zero_()
-            out[:, r1:].zero_()
-            out[:, r0:r1, :c0].zero_()
-            out[:, r0:r1, c1:].zero_()
+            for part in (out[:, :r0], out[:, r1:], out[:, r0:r1, :c0], out[:, r0:r1, c1:]):
+                if part.numel():
+                    part.zero_()
             first_row, first_col = r0 * tile + i - 1, c0 * tile + j - 1
             out[:, r0:r1, c0:c1] = xh[:, first_row::tile, first_col::tile][:, :r1 - r0, :c1 - c0]
     return d.view(a * a, -1)
@@ -171,6 +173,61 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, tile: int = 4) -> to
     return _WinogradConv3x3.apply(x, weight, tile)
 
 
+def _columns(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The 3x3 neighbourhoods of every output position of a padding-1 convolution, as an
+    ``(N * OH * OW, 9 * C)`` matrix (im2col, channels fastest)."""
+    n, c, h, w = x.shape
+    oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # N, H+2, W+2, C
+    s = xp.stride()
+    cols = xp.as_strided((n, oh, ow, 3, 3, c), (s[0], stride * s[1], stride * s[2], s[1], s[2], s[3]),
+                         xp.storage_offset())
+    return cols.reshape(n * oh * ow, 9 * c), (oh, ow)
+
+
+def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """(K, C, 3, 3) -> (9 * C, K), rows in the order of :func:`_columns`."""
+    return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0])
+
+
+class _GemmConv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+        n, k = x.shape[0], weight.shape[0]
+        cols, (oh, ow) = _columns(x, stride)
+        y = (cols @ _weight_matrix(weight)).view(n, oh, ow, k).permute(0, 3, 1, 2)
+        ctx.save_for_backward(cols, weight)
+        ctx.stride, ctx.shape, ctx.channels_last = stride, x.shape, _is_channels_last(x)
+        return y if ctx.channels_last else y.contiguous()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        cols, weight = ctx.saved_tensors
+        (n, c, h, w), s, k = ctx.shape, ctx.stride, weight.shape[0]
+        oh, ow = grad.shape[2:]
+        g = grad.permute(0, 2, 3, 1).reshape(-1, k)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # each column's gradient, summed back onto the pixels it was taken from
+            grad_cols = (g @ _weight_matrix(weight).t()).view(n, oh, ow, 3, 3, c)
+            padded = grad.new_zeros(n, h + 2, w + 2, c)
+            for i in range(3):
+                for j in range(3):
+                    padded[:, i:i + s * oh:s, j:j + s * ow:s] += grad_cols[:, :, :, i, j]
+            grad_x = padded[:, 1:h + 1, 1:w + 1].permute(0, 3, 1, 2)
+            grad_x = grad_x.contiguous(memory_format=torch.channels_last if ctx.channels_last
+                                       else torch.contiguous_format)
+        if ctx.needs_input_grad[1]:
+            grad_w = (cols.t() @ g).view(3, 3, c, k).permute(3, 2, 0, 1)
+        return grad_x, grad_w, None
+
+
+def _covered(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Inputs this module's algorithms handle; everything else goes through ``nn.Conv2d.forward``."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
+            and x.dtype == weight.dtype and not torch.is_autocast_enabled("cpu"))
+
+
 class WinogradConv2d(nn.Conv2d):
     """A 3x3, stride-1, padding-1 ``nn.Conv2d`` that convolves by Winograd's algorithm on CPU.
 
@@ -184,8 +241,7 @@ class WinogradConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=bias, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dtype != self.weight.dtype
-                or torch.is_autocast_enabled("cpu") or x.dim() != 4):
+        if not _covered(x, self.weight):
             return super().forward(x)
         if x.shape[2:] == (1, 1):  # only the centre tap meets the image: a 1x1 convolution, exactly
             return F.conv2d(x, self.weight[:, :, 1:2, 1:2], self.bias)
@@ -193,30 +249,60 @@ class WinogradConv2d(nn.Conv2d):
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
-def _eligible(conv: nn.Module, min_channels: int) -> bool:
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and min(conv.in_channels, conv.out_channels) >= min_channels)
+class GemmConv2d(nn.Conv2d):
+    """A 3x3, stride-2, padding-1 ``nn.Conv2d`` that convolves onto maps of at most ``max_output`` x
+    ``max_output`` by one GEMM over the unfolded input on CPU; larger maps, GPUs, half precision and
+    autocast go through ``nn.Conv2d.forward``. Same parameters and state dict as ``nn.Conv2d``.
 
-
-def use_winograd(module: nn.Module, min_channels: int = 128) -> int:
-    """Replace every plain 3x3 stride-1 ``nn.Conv2d`` in ``module`` with at least ``min_channels`` input
-    and output channels by a :class:`WinogradConv2d` holding the same parameter objects (an optimizer built
-    before keeps working). Returns how many were replaced.
-
-    ``min_channels=128`` follows the benchmark host: there a 64-channel layer at 32x32 ran faster directly
-    (361 ms against 424 for forward + backward of 512 images), 128 channels at 16x16 ran 336 against 251 ms,
-    256 at 8x8 336 against 174, 512 at 4x4 493 against 146.
+    ``max_output=4`` follows the benchmark host (forward + backward, ms): 256 -> 512 channels onto 2x2 maps
+    (1024 images) 274 directly against 112, onto 4x4 (512 images) 280 against 217; 128 -> 256 onto 4x4
+    about level (117 against 125); onto 8x8 and larger, direct convolution was faster.
     """
-    replaced = 0
+
+    max_output = 4
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, **kwargs):
+        super().__init__(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=bias, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _covered(x, self.weight) or max(x.shape[2:]) > 2 * self.max_output:
+            return super().forward(x)
+        y = _GemmConv3x3.apply(x, self.weight, 2)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+
+def _plain_3x3(conv: nn.Module, stride: int) -> bool:
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (stride, stride)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+
+
+def _swap(conv: nn.Conv2d, cls: type[nn.Conv2d]) -> nn.Conv2d:
+    new = cls(conv.in_channels, conv.out_channels, bias=conv.bias is not None, device="meta")
+    new.weight = conv.weight  # the same parameter objects: an optimizer built before keeps working
+    new.bias = conv.bias
+    new.train(conv.training)
+    return new
+
+
+def use_cpu_convolutions(module: nn.Module, min_channels: int = 128) -> int:
+    """Swap, in place, every plain 3x3 ``nn.Conv2d`` (padding 1, no groups or dilation) in ``module`` with at
+    least ``min_channels`` input and output channels: stride 1 for a :class:`WinogradConv2d`, stride 2 for a
+    :class:`GemmConv2d`. Returns how many were swapped.
+
+    ``min_channels=128`` follows the benchmark host (forward + backward of 512 images, ms, direct against
+    Winograd): 64 channels at 32x32 366 against 386, 128 at 16x16 343 against 228, 256 at 8x8 327 against
+    161, 512 at 4x4 493 against 146.
+    """
+    swapped = 0
     for name, child in list(module.named_children()):
-        if _eligible(child, min_channels):
-            new = WinogradConv2d(child.in_channels, child.out_channels, bias=child.bias is not None, device="meta")
-            new.weight = child.weight
-            new.bias = child.bias
-            new.train(child.training)
-            setattr(module, name, new)
-            replaced += 1
+        wide = isinstance(child, nn.Conv2d) and min(child.in_channels, child.out_channels) >= min_channels
+        if wide and _plain_3x3(child, 1):
+            setattr(module, name, _swap(child, WinogradConv2d))
+            swapped += 1
+        elif wide and _plain_3x3(child, 2):
+            setattr(module, name, _swap(child, GemmConv2d))
+            swapped += 1
         else:
-            replaced += use_winograd(child, min_channels)
-    return replaced
+            swapped += use_cpu_convolutions(child, min_channels)
+    return swapped

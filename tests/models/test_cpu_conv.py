@@ -1,4 +1,4 @@
-"""Winograd convolution (selfsup.models.winograd) against torch's direct convolution."""
+"""selfsup's CPU convolutions (selfsup.models.cpu_conv: Winograd, GEMM) against torch's direct convolution."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.models.encoder import Encoder
-from selfsup.models.winograd import WinogradConv2d, use_winograd, winograd_conv3x3
+from selfsup.models.cpu_conv import GemmConv2d, WinogradConv2d, use_cpu_convolutions, winograd_conv3x3
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,7 +75,7 @@ def test_module_with_bias_equals_conv2d(size):
     conv = nn.Conv2d(6, 5, 3, padding=1).double()
     model = nn.Sequential(nn.Conv2d(6, 5, 3, padding=1).double())
     model[0].load_state_dict(conv.state_dict())
-    assert use_winograd(model, min_channels=1) == 1 and isinstance(model[0], WinogradConv2d)
+    assert use_cpu_convolutions(model, min_channels=1) == 1 and isinstance(model[0], WinogradConv2d)
     x = torch.randn(3, 6, size, size, dtype=torch.float64)
     grad = torch.randn(3, 5, size, size, dtype=torch.float64)
     outputs, grads = [], []
@@ -90,7 +90,7 @@ def test_module_with_bias_equals_conv2d(size):
         assert _relative_error(ours, direct) < 1e-13
 
 
-def test_use_winograd_swaps_wide_stride_1_convolutions_and_keeps_parameters():
+def test_use_cpu_convolutions_swaps_3x3_layers_and_keeps_parameters():
     torch.manual_seed(0)
     encoder = Encoder("resnet18", cifar_stem=True)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
@@ -99,17 +99,59 @@ def test_use_winograd_swaps_wide_stride_1_convolutions_and_keeps_parameters():
     encoder.eval()
     direct = encoder(x)
 
-    assert use_winograd(encoder) == 9
-    swapped = sorted(n for n, m in encoder.named_modules() if isinstance(m, WinogradConv2d))
-    assert swapped == sorted(f"model.layer{i}.{b}.conv{j}" for i in (2, 3, 4) for b, j in ((0, 2), (1, 1), (1, 2)))
-    # the stem, 64-channel layer1, stride-2 and 1x1 downsampling convolutions stay direct
-    assert type(encoder.model.layer1[0].conv1) is nn.Conv2d and type(encoder.model.layer2[0].conv1) is nn.Conv2d
+    assert use_cpu_convolutions(encoder) == 11
+    winograd = sorted(n for n, m in encoder.named_modules() if isinstance(m, WinogradConv2d))
+    assert winograd == sorted(f"model.layer{i}.{b}.conv{j}" for i in (2, 3, 4) for b, j in ((0, 2), (1, 1), (1, 2)))
+    gemm = sorted(n for n, m in encoder.named_modules() if isinstance(m, GemmConv2d))
+    assert gemm == [f"model.layer{i}.0.conv1" for i in (3, 4)]
+    # the stem, the 64-channel layer1 and layer2's first (64 -> 128) and 1x1 downsampling convolutions stay torch's
+    assert all(type(m) is nn.Conv2d for m in (encoder.model.layer1[0].conv1, encoder.model.layer2[0].conv1,
+                                              encoder.model.layer2[0].downsample[0]))
     # same parameter objects (an optimizer built before keeps working), same state dict
     assert all(p is params[name] for name, p in encoder.named_parameters())
     after = encoder.state_dict()
     assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert _relative_error(encoder(x), direct) < 1e-4
-    assert use_winograd(encoder) == 0  # idempotent
+    assert use_cpu_convolutions(encoder) == 0  # idempotent
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 7, 8])  # onto 1x1 .. 4x4 maps, odd sizes included
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gemm_convolution_equals_direct_stride_2_convolution_in_float64(size, channels_last):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 7, 3, stride=2, padding=1).double()
+    model = nn.Sequential(nn.Conv2d(5, 7, 3, stride=2, padding=1).double())
+    model[0].load_state_dict(conv.state_dict())
+    assert use_cpu_convolutions(model, min_channels=1) == 1 and isinstance(model[0], GemmConv2d)
+    x = torch.randn(3, 5, size, size, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    outputs, grads = [], []
+    for module in (conv, model):
+        xr = x.clone().requires_grad_()
+        out = module(xr)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape))
+        outputs.append(out)
+        grads.append([xr.grad, *(p.grad for p in module.parameters())])
+    assert outputs[1].shape == outputs[0].shape
+    assert _relative_error(outputs[1], outputs[0]) < 1e-13
+    for ours, direct in zip(grads[1], grads[0]):
+        assert ours.stride() == direct.stride() or ours.dim() < 4
+        assert _relative_error(ours, direct) < 1e-13
+
+
+def test_gemm_convolution_leaves_larger_maps_to_torch():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False))
+    model[0].load_state_dict(conv.state_dict())
+    use_cpu_convolutions(model, min_channels=1)
+    x = torch.randn(2, 4, 9, 9)  # onto 5x5: above GemmConv2d.max_output
+    assert torch.equal(model(x), conv(x))  # torch's own kernel, bit for bit
+    assert type(model(x).grad_fn).__name__ == "ConvolutionBackward0"
+    small = torch.randn(2, 4, 8, 8)  # onto 4x4: one GEMM
+    assert type(model(small).grad_fn).__name__ == "_GemmConv3x3Backward"
+    assert _relative_error(model(small), conv(small)) < 1e-5
 
 
 def test_falls_back_to_direct_convolution_under_autocast():
@@ -117,7 +159,7 @@ def test_falls_back_to_direct_convolution_under_autocast():
     conv = nn.Conv2d(8, 8, 3, padding=1)
     model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1))
     model[0].load_state_dict(conv.state_dict())
-    use_winograd(model, min_channels=1)
+    use_cpu_convolutions(model, min_channels=1)
     x = torch.randn(2, 8, 6, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model(x), conv(x))  # the same bf16 kernel, bit for bit
@@ -126,7 +168,7 @@ def test_falls_back_to_direct_convolution_under_autocast():
 
 
 def test_training_steps_match_direct_convolution_up_to_rounding():
-    """Three SGD steps of SimCLR on a ResNet-18 with Winograd convolutions move the weights as direct
+    """Three SGD steps of SimCLR on a ResNet-18 with selfsup's CPU convolutions move the weights as direct
     convolution does, within the difference between two direct runs that round differently (NCHW and
     channels-last, different oneDNN kernels)."""
     from selfsup.data.transforms import ContrastiveViews
@@ -136,13 +178,13 @@ def test_training_steps_match_direct_convolution_up_to_rounding():
 
     batches = [synthetic_batch(ContrastiveViews(blur_p=0.0), 16, seed=i) for i in range(3)]
 
-    def train(winograd: bool, channels_last: bool) -> dict[str, torch.Tensor]:
+    def train(cpu_conv: bool, channels_last: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         model = SimCLR(Encoder("resnet18", cifar_stem=True), proj_hidden_dim=64, proj_dim=32,
                        channels_last=channels_last)
         start = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-        if winograd:
-            assert use_winograd(model.encoder) == 9
+        if cpu_conv:
+            assert use_cpu_convolutions(model.encoder) == 11
         optimizer = create_optimizer(model, "sgd", lr=0.05, weight_decay=0.0, momentum=0.9)
         for batch in batches:
             model.training_loss(batch)["loss"].backward()
@@ -160,11 +202,11 @@ def test_training_steps_match_direct_convolution_up_to_rounding():
     assert difference(ours, direct_nchw) <= 1.5 * rounding
 
 
-@pytest.mark.parametrize("winograd", [True, False])
-def test_cpu_fit_uses_winograd_unless_turned_off(tmp_path, winograd):
+@pytest.mark.parametrize("cpu_conv", [True, False])
+def test_cpu_fit_uses_cpu_convolutions_unless_turned_off(tmp_path, cpu_conv):
     from tests.helpers.methods import tiny_fit
 
-    method, _ = tiny_fit("simclr", tmp_path, 1, model_overrides={"winograd": winograd,
+    method, _ = tiny_fit("simclr", tmp_path, 1, model_overrides={"cpu_conv": cpu_conv,
                                                                  "encoder": Encoder("resnet18", cifar_stem=True)})
-    swapped = [m for m in method.encoder.modules() if isinstance(m, WinogradConv2d)]
-    assert len(swapped) == (9 if winograd else 0)
+    swapped = [m for m in method.encoder.modules() if isinstance(m, (WinogradConv2d, GemmConv2d))]
+    assert len(swapped) == (11 if cpu_conv else 0)

@@ -16,8 +16,8 @@ does it for CPUs, for two cases:
 - **3x3 stride-2 layers onto maps of at most 4x4: one GEMM** over the unfolded input (im2col), where
   oneDNN's strided kernels are slowest. Same multiplications as direct convolution, float32 rounding only.
 
-On the benchmark host, forward + backward of a ResNet-18 (CIFAR stem, 32 px, 512 images) took 7.2 s directly
-and 5.1 s with the Winograd layers (``benchmarks/README.md``, round 5).
+On the benchmark host, SimCLR's reference configuration (ResNet-18, CIFAR stem, 32 px, batch 256, end to
+end) trains at 50-51 images/s with them against 36-38 without (``benchmarks/README.md``, round 5).
 
 :class:`WinogradConv2d` and :class:`GemmConv2d` are ``nn.Conv2d`` s with the same parameters and state dict.
 They fall back to ``nn.Conv2d.forward`` for every input they do not cover: a GPU tensor, half precision or
@@ -254,9 +254,10 @@ class GemmConv2d(nn.Conv2d):
     ``max_output`` by one GEMM over the unfolded input on CPU; larger maps, GPUs, half precision and
     autocast go through ``nn.Conv2d.forward``. Same parameters and state dict as ``nn.Conv2d``.
 
-    ``max_output=4`` follows the benchmark host (forward + backward, ms): 256 -> 512 channels onto 2x2 maps
-    (1024 images) 274 directly against 112, onto 4x4 (512 images) 280 against 217; 128 -> 256 onto 4x4
-    about level (117 against 125); onto 8x8 and larger, direct convolution was faster.
+    ``max_output=4`` follows the benchmark host (``benchmarks/cpu_conv.py``, forward + backward, ms, direct
+    against GEMM): 256 -> 512 channels onto 2x2 maps (1024 images) 267 against 114, onto 4x4 (512 images)
+    268 against 223; 128 -> 256 onto 4x4 (1024 images) 119 against 131, the one case it loses; onto 8x8 and
+    larger, direct convolution was faster.
     """
 
     max_output = 4
@@ -290,9 +291,9 @@ def use_cpu_convolutions(module: nn.Module, min_channels: int = 128) -> int:
     least ``min_channels`` input and output channels: stride 1 for a :class:`WinogradConv2d`, stride 2 for a
     :class:`GemmConv2d`. Returns how many were swapped.
 
-    ``min_channels=128`` follows the benchmark host (forward + backward of 512 images, ms, direct against
-    Winograd): 64 channels at 32x32 366 against 386, 128 at 16x16 343 against 228, 256 at 8x8 327 against
-    161, 512 at 4x4 493 against 146.
+    ``min_channels=128`` follows the benchmark host (``benchmarks/cpu_conv.py``, forward + backward of 512
+    images, ms, direct against Winograd): 64 channels at 32x32 369 against 393, 128 at 16x16 350 against 234,
+    256 at 8x8 339 against 171, 512 at 4x4 473 against 145.
     """
     swapped = 0
     for name, child in list(module.named_children()):

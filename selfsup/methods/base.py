@@ -91,9 +91,10 @@ class SSLMethod(L.LightningModule):
             (:mod:`selfsup.models.cpu_conv`): stride-1 layers of at least 128 channels by Winograd's
             F(4x4, 3x3) (2.25 instead of 9 multiplications per output), stride-2 layers onto maps of at most
             4x4 by one GEMM. Same parameters and state dict; results equal direct convolution up to float32
-            rounding. A ResNet-18 step at 32 px ran 1.4x faster on our test machine. Applied when the model
-            is set up on a CPU; float32 only (autocast and GPUs convolve as torch does, and GPU libraries
-            choose such algorithms themselves).
+            rounding. A ResNet-18 step at 32 px ran 1.4x faster on our test machine, for about 28% more
+            saved activations. Applied when the model is set up on a CPU; float32 only (autocast and GPUs
+            convolve as torch does, and GPU libraries choose such algorithms themselves). No higher-order
+            gradients: turn it off for gradient penalties.
         max_consecutive_nonfinite: a step whose loss or gradient is NaN/Inf is skipped and counted; this
             many skips in a row stop the run with an error naming the step and the term.
         init_from: start a new run from the encoder weights of a selfsup checkpoint, an exported

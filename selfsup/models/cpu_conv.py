@@ -20,9 +20,13 @@ On the benchmark host, SimCLR's reference configuration (ResNet-18, CIFAR stem, 
 end) trains at 50-51 images/s with them against 36-38 without (``benchmarks/README.md``, round 5).
 
 :class:`WinogradConv2d` and :class:`GemmConv2d` are ``nn.Conv2d`` s with the same parameters and state dict.
-They fall back to ``nn.Conv2d.forward`` for every input they do not cover: a GPU tensor, half precision or
-autocast (and, for :class:`GemmConv2d`, a larger map). :func:`use_cpu_convolutions` swaps them into a model
-in place; ``SSLMethod`` does this when it is set up on a CPU (``cpu_conv: true``, the default).
+They fall back to ``nn.Conv2d.forward`` for every input they do not cover: a GPU tensor, half precision,
+autocast or an empty batch (and, for :class:`GemmConv2d`, a larger map). :func:`use_cpu_convolutions` swaps
+them into a model in place; ``SSLMethod`` does this when it is set up on a CPU (``cpu_conv: true``, the
+default). What they cost: memory, since the backward pass keeps the transformed input (Winograd: 2.25x the
+layer's input; GEMM: the unfolded input) where direct convolution keeps the input itself (a ResNet-18's saved
+activations grow by about 28%); and higher-order gradients (``create_graph=True``, ``torch.func``), which they
+do not support: turn them off (``cpu_conv: false``) for gradient penalties or per-sample gradients.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ _TRANSFORMS = {
 @functools.cache
 def _matrices(tile: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 2-D transforms as single matrices on flattened tiles: ``vec(B^T d B) = (B^T (x) B^T) vec(d)``."""
-    bt, g, at = (torch.tensor(a, dtype=torch.float64) for a in _TRANSFORMS[tile])
+    bt, g, at = (torch.tensor(a, dtype=torch.float64, device="cpu") for a in _TRANSFORMS[tile])
     return tuple(torch.kron(a, a).to(dtype) for a in (bt, g, at))  # (a^2, a^2), (a^2, 9), (m^2, a^2)
 
 
@@ -132,7 +136,7 @@ class _WinogradConv3x3(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, tile: int) -> torch.Tensor:
         v = _input_transform(x, tile)
         m = torch.bmm(v, _weight_transform(weight, tile))
-        ctx.save_for_backward(v, weight)
+        ctx.save_for_backward(v if ctx.needs_input_grad[1] else None, weight)  # V only for the weight gradient
         ctx.tile, ctx.shape, ctx.channels_last = tile, x.shape, _is_channels_last(x)
         return _output_transform(m, tile, x.shape[0], x.shape[2], x.shape[3], ctx.channels_last)
 
@@ -196,7 +200,7 @@ class _GemmConv3x3(torch.autograd.Function):
         n, k = x.shape[0], weight.shape[0]
         cols, (oh, ow) = _columns(x, stride)
         y = (cols @ _weight_matrix(weight)).view(n, oh, ow, k).permute(0, 3, 1, 2)
-        ctx.save_for_backward(cols, weight)
+        ctx.save_for_backward(cols if ctx.needs_input_grad[1] else None, weight)
         ctx.stride, ctx.shape, ctx.channels_last = stride, x.shape, _is_channels_last(x)
         return y if ctx.channels_last else y.contiguous()
 
@@ -224,7 +228,7 @@ class _GemmConv3x3(torch.autograd.Function):
 
 def _covered(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Inputs this module's algorithms handle; everything else goes through ``nn.Conv2d.forward``."""
-    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
+    return (x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0 and x.dtype in (torch.float32, torch.float64)
             and x.dtype == weight.dtype and not torch.is_autocast_enabled("cpu"))
 
 
@@ -273,9 +277,13 @@ class GemmConv2d(nn.Conv2d):
 
 
 def _plain_3x3(conv: nn.Module, stride: int) -> bool:
+    """A 3x3 ``nn.Conv2d`` (not a subclass) with padding 1 and nothing attached: no hooks (they would not
+    follow the swap) and a plain weight parameter (not one of weight or spectral norm's)."""
     return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (stride, stride)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros")
+            and conv.padding_mode == "zeros" and isinstance(conv._parameters.get("weight"), nn.Parameter)
+            and not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks
+                     or conv._backward_pre_hooks))
 
 
 def _swap(conv: nn.Conv2d, cls: type[nn.Conv2d]) -> nn.Conv2d:

@@ -22,6 +22,30 @@ def _conv_and_grads(conv, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor |
     return (y, *torch.autograd.grad(y, (x, w), grad)), grad
 
 
+def _paths(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """How often each convolution algorithm ran in one forward of ``model`` (by its outputs' grad_fn)."""
+    seen: dict[str, int] = {}
+
+    def record(module, inputs, output):
+        name = type(output.grad_fn).__name__
+        seen[name] = seen.get(name, 0) + 1
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (WinogradConv2d, GemmConv2d))]
+    training = model.training
+    model.eval()  # leaves BatchNorm statistics as they are
+    with torch.enable_grad():
+        model(x)
+    model.train(training)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+# every selfsup convolution in a ResNet-18 with the CIFAR stem at 32 px: 9 Winograd layers, layer4's stride-2
+# layer onto 4x4 as one GEMM, and layer3's onto 8x8 left to torch
+RESNET18_32PX = {"_WinogradConv3x3Backward": 9, "_GemmConv3x3Backward": 1, "ConvolutionBackward0": 1}
+
+
 # (N, C, K, H, W): tiles that divide the map, ones that don't (7x5, 9x12), and maps smaller than a tile
 SHAPES = [(3, 5, 7, 4, 4), (2, 3, 4, 7, 5), (2, 6, 6, 1, 1), (4, 8, 8, 2, 2), (2, 4, 5, 9, 12), (2, 4, 3, 8, 8)]
 
@@ -93,7 +117,7 @@ def test_module_with_bias_equals_conv2d(size):
 def test_use_cpu_convolutions_swaps_3x3_layers_and_keeps_parameters():
     torch.manual_seed(0)
     encoder = Encoder("resnet18", cifar_stem=True)
-    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    before = encoder.state_dict()
     params = {name: p for name, p in encoder.named_parameters()}
     x = torch.randn(4, 3, 32, 32)
     encoder.eval()
@@ -107,10 +131,13 @@ def test_use_cpu_convolutions_swaps_3x3_layers_and_keeps_parameters():
     # the stem, the 64-channel layer1 and layer2's first (64 -> 128) and 1x1 downsampling convolutions stay torch's
     assert all(type(m) is nn.Conv2d for m in (encoder.model.layer1[0].conv1, encoder.model.layer2[0].conv1,
                                               encoder.model.layer2[0].downsample[0]))
-    # same parameter objects (an optimizer built before keeps working), same state dict
+    # same parameter objects (an optimizer built before keeps working), and a state dict that loads both ways
     assert all(p is params[name] for name, p in encoder.named_parameters())
-    after = encoder.state_dict()
-    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert list(encoder.state_dict()) == list(before)
+    plain = Encoder("resnet18", cifar_stem=True).eval()
+    plain.load_state_dict(encoder.state_dict())
+    assert torch.equal(plain(x), direct)
+    assert _paths(encoder, x) == RESNET18_32PX
     assert _relative_error(encoder(x), direct) < 1e-4
     assert use_cpu_convolutions(encoder) == 0  # idempotent
 
@@ -185,6 +212,7 @@ def test_training_steps_match_direct_convolution_up_to_rounding():
         start = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
         if cpu_conv:
             assert use_cpu_convolutions(model.encoder) == 11
+            assert _paths(model.encoder, torch.randn(2, 3, 32, 32)) == RESNET18_32PX
         optimizer = create_optimizer(model, "sgd", lr=0.05, weight_decay=0.0, momentum=0.9)
         for batch in batches:
             model.training_loss(batch)["loss"].backward()
@@ -210,3 +238,47 @@ def test_cpu_fit_uses_cpu_convolutions_unless_turned_off(tmp_path, cpu_conv):
                                                                  "encoder": Encoder("resnet18", cifar_stem=True)})
     swapped = [m for m in method.encoder.modules() if isinstance(m, (WinogradConv2d, GemmConv2d))]
     assert len(swapped) == (11 if cpu_conv else 0)
+    assert _paths(method.encoder, torch.randn(2, 3, 32, 32)) == (RESNET18_32PX if cpu_conv else {})
+
+
+def test_empty_batch_falls_back_to_torch():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    assert use_cpu_convolutions(model, min_channels=1) == 2
+    x = torch.randn(0, 4, 8, 8, requires_grad=True)
+    out = model(x)
+    out.sum().backward()
+    assert out.shape == (0, 4, 4, 4) and x.grad.shape == x.shape
+
+
+def test_convolutions_with_hooks_or_weight_norm_are_left_alone():
+    hooked = nn.Conv2d(4, 4, 3, padding=1)
+    calls = []
+    hooked.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.warns(FutureWarning, match="weight_norm"):
+        normed = torch.nn.utils.weight_norm(nn.Conv2d(4, 4, 3, padding=1))  # the old hook-based form
+    parametrized = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 3, padding=1))
+    model = nn.Sequential(hooked, normed, parametrized, nn.Conv2d(4, 4, 3, padding=1))
+    assert use_cpu_convolutions(model, min_channels=1) == 1
+    assert [type(m).__name__ for m in model] == ["Conv2d", "Conv2d", "ParametrizedConv2d", "WinogradConv2d"]
+    model(torch.randn(1, 4, 6, 6))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_frozen_weight_keeps_no_transformed_input(stride):
+    """A frozen layer only passes the gradient on: it keeps the weight, not the 2.25x transformed input."""
+
+    def saved_bytes(requires_grad: bool) -> int:
+        conv = nn.Conv2d(8, 8, 3, stride=stride, padding=1, bias=False).requires_grad_(requires_grad)
+        model = nn.Sequential(conv)
+        use_cpu_convolutions(model, min_channels=1)
+        x = torch.randn(4, 8, 8, 8, requires_grad=True)
+        total = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            model(x)
+        return sum(total)
+
+    weight_bytes = 8 * 8 * 9 * 4
+    assert saved_bytes(False) == weight_bytes
+    assert saved_bytes(True) > 8 * weight_bytes

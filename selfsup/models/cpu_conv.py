@@ -111,7 +111,7 @@ def _output_transform(m: torch.Tensor, tile: int, n: int, h: int, w: int, channe
     aa = _matrices(tile, m.dtype)[2]
     y = (aa @ m.view(m.shape[0], -1)).view(tile, tile, n, th, tw, k)
     y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, th * tile, tw * tile, k)[:, :h, :w].permute(0, 3, 1, 2)
-    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return _in_format(y, channels_last)
 
 
 def _weight_transform(weight: torch.Tensor, tile: int) -> torch.Tensor:
@@ -125,20 +125,24 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def _conv(x: torch.Tensor, weight: torch.Tensor, tile: int) -> torch.Tensor:
-    """3x3 convolution, stride 1, padding 1, without autograd."""
-    m = torch.bmm(_input_transform(x, tile), _weight_transform(weight, tile))
-    return _output_transform(m, tile, x.shape[0], x.shape[2], x.shape[3], _is_channels_last(x))
+def _in_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """3x3 convolution, stride 1, padding 1, without autograd: the output and V, the transformed input."""
+    v = _input_transform(x, tile)
+    m = torch.bmm(v, _weight_transform(weight, tile))
+    return _output_transform(m, tile, x.shape[0], x.shape[2], x.shape[3], _is_channels_last(x)), v
 
 
 class _WinogradConv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, tile: int) -> torch.Tensor:
-        v = _input_transform(x, tile)
-        m = torch.bmm(v, _weight_transform(weight, tile))
+        y, v = _conv(x, weight, tile)
         ctx.save_for_backward(v if ctx.needs_input_grad[1] else None, weight)  # V only for the weight gradient
         ctx.tile, ctx.shape, ctx.channels_last = tile, x.shape, _is_channels_last(x)
-        return _output_transform(m, tile, x.shape[0], x.shape[2], x.shape[3], ctx.channels_last)
+        return y
 
     @staticmethod
     @once_differentiable
@@ -147,9 +151,7 @@ class _WinogradConv3x3(torch.autograd.Function):
         tile, (n, c, h, w) = ctx.tile, ctx.shape
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # the input gradient is the convolution with the flipped, transposed kernel
-            grad_x = _conv(grad, weight.flip(2, 3).transpose(0, 1), tile)
-            grad_x = grad_x.contiguous(memory_format=torch.channels_last if ctx.channels_last
-                                       else torch.contiguous_format)
+            grad_x = _in_format(_conv(grad, weight.flip(2, 3).transpose(0, 1), tile)[0], ctx.channels_last)
         if ctx.needs_input_grad[1]:  # adjoints of the output and weight transforms, around dU = V^T dM
             k = grad.shape[1]
             th, tw = _tiles(h, w, tile)
@@ -202,7 +204,7 @@ class _GemmConv3x3(torch.autograd.Function):
         y = (cols @ _weight_matrix(weight)).view(n, oh, ow, k).permute(0, 3, 1, 2)
         ctx.save_for_backward(cols if ctx.needs_input_grad[1] else None, weight)
         ctx.stride, ctx.shape, ctx.channels_last = stride, x.shape, _is_channels_last(x)
-        return y if ctx.channels_last else y.contiguous()
+        return _in_format(y, ctx.channels_last)
 
     @staticmethod
     @once_differentiable
@@ -218,9 +220,7 @@ class _GemmConv3x3(torch.autograd.Function):
             for i in range(3):
                 for j in range(3):
                     padded[:, i:i + s * oh:s, j:j + s * ow:s] += grad_cols[:, :, :, i, j]
-            grad_x = padded[:, 1:h + 1, 1:w + 1].permute(0, 3, 1, 2)
-            grad_x = grad_x.contiguous(memory_format=torch.channels_last if ctx.channels_last
-                                       else torch.contiguous_format)
+            grad_x = _in_format(padded[:, 1:h + 1, 1:w + 1].permute(0, 3, 1, 2), ctx.channels_last)
         if ctx.needs_input_grad[1]:
             grad_w = (cols.t() @ g).view(3, 3, c, k).permute(3, 2, 0, 1)
         return grad_x, grad_w, None

@@ -63,9 +63,10 @@ def apply_conv(args: argparse.Namespace, model: torch.nn.Module) -> None:
         use_cpu_convolutions(model.encoder)
 
 
-def micro_batch_label(args: argparse.Namespace) -> str:
-    """`` micro-batch N`` for result names when ``--micro-batch-size`` is set, else empty."""
-    return f" micro-batch {args.micro_batch_size}" if args.micro_batch_size else ""
+def variant_label(args: argparse.Namespace) -> str:
+    """What result names add for settings off the default: `` micro-batch N``, `` direct-conv``."""
+    return ((f" micro-batch {args.micro_batch_size}" if args.micro_batch_size else "")
+            + (" direct-conv" if args.conv == "direct" else ""))
 
 
 def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:

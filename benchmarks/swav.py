@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (add_step_arguments, apply_conv, apply_malloc, count_flops, endless_batches,  # noqa: E402
-                    matmul_peak_gflops, micro_batch_label, report, time_steps, training_step)
+                    matmul_peak_gflops, report, time_steps, training_step, variant_label)
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
 from selfsup.data.transforms import Crops, MultiCropViews  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> None:
         peak = matmul_peak_gflops(dtype)
         seconds = time_steps(step, batches, args.steps)
         crops_per_s = round(args.batch_size * len(fixed.views) / seconds, 2)
-        chunks = micro_batch_label(args) + (" direct-conv" if args.conv == "direct" else "")
+        chunks = variant_label(args)
         report(f"swav {args.model} {setting} {precision}{chunks} with data", args.batch_size, seconds, flops, peak,
                batch_size=args.batch_size, threads=args.threads, workers=args.workers, crops=len(fixed.views),
                crops_per_s=crops_per_s, gflop_per_image=round(flops / args.batch_size / 1e9, 2),

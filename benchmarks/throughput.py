@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (add_step_arguments, apply_conv, apply_malloc, count_flops, endless_batches,  # noqa: E402
-                    matmul_peak_gflops, micro_batch_label, report, time_steps, training_step)
+                    matmul_peak_gflops, report, time_steps, training_step, variant_label)
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
 from selfsup.methods.simclr import SimCLR  # noqa: E402
@@ -57,7 +57,7 @@ def main() -> None:
         for with_data in (True, False):
             source = batches if with_data else itertools.repeat(fixed)
             seconds = time_steps(step, source, args.steps)
-            chunks = micro_batch_label(args) + (" direct-conv" if args.conv == "direct" else "")
+            chunks = variant_label(args)
             report(f"simclr {args.model} {precision} {memory_format}{chunks} {'with' if with_data else 'without'} data",
                    args.batch_size, seconds, flops, peak, batch_size=args.batch_size, threads=args.threads,
                    workers=args.workers, micro_batch_size=args.micro_batch_size, conv=args.conv)

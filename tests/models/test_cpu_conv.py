@@ -1,6 +1,8 @@
 """selfsup's CPU convolutions (selfsup.models.cpu_conv: Winograd, GEMM) against torch's direct convolution."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,28 @@ def _conv_and_grads(conv, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor |
     y = conv(x, w)
     grad = torch.randn_like(y) if grad is None else grad
     return (y, *torch.autograd.grad(y, (x, w), grad)), grad
+
+
+def _swapped_twin(conv: nn.Conv2d) -> nn.Conv2d:
+    """A copy of ``conv`` (same weights) swapped for selfsup's CPU convolution."""
+    twin = nn.Sequential(copy.deepcopy(conv))
+    assert use_cpu_convolutions(twin, min_channels=1) == 1
+    return twin[0]
+
+
+def _assert_same_as(conv: nn.Conv2d, ours: nn.Conv2d, x: torch.Tensor, tolerance: float) -> None:
+    """Output, input gradient and parameter gradients of ``ours`` equal those of ``conv`` on ``x``."""
+    results = []
+    for module in (conv, ours):
+        xr = x.clone().requires_grad_()
+        out = module(xr)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape))
+        results.append([out, xr.grad, *(p.grad for p in module.parameters())])
+    for direct, mine in zip(*results):
+        assert mine.shape == direct.shape
+        if mine.dim() == 4 and mine.shape[2] * mine.shape[3] > 1:  # a 1x1 map's strides say nothing
+            assert mine.stride() == direct.stride()  # the memory format follows torch's
+        assert _relative_error(mine, direct) < tolerance
 
 
 def _paths(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
@@ -97,21 +121,9 @@ def test_bad_arguments_are_named():
 def test_module_with_bias_equals_conv2d(size):
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 5, 3, padding=1).double()
-    model = nn.Sequential(nn.Conv2d(6, 5, 3, padding=1).double())
-    model[0].load_state_dict(conv.state_dict())
-    assert use_cpu_convolutions(model, min_channels=1) == 1 and isinstance(model[0], WinogradConv2d)
-    x = torch.randn(3, 6, size, size, dtype=torch.float64)
-    grad = torch.randn(3, 5, size, size, dtype=torch.float64)
-    outputs, grads = [], []
-    for module in (conv, model):
-        xr = x.clone().requires_grad_()
-        out = module(xr)
-        out.backward(grad)
-        outputs.append(out)
-        grads.append([xr.grad, *(p.grad for p in module.parameters())])
-    assert _relative_error(outputs[1], outputs[0]) < 1e-13
-    for ours, direct in zip(grads[1], grads[0]):
-        assert _relative_error(ours, direct) < 1e-13
+    ours = _swapped_twin(conv)
+    assert isinstance(ours, WinogradConv2d)
+    _assert_same_as(conv, ours, torch.randn(3, 6, size, size, dtype=torch.float64), 1e-13)
 
 
 def test_use_cpu_convolutions_swaps_3x3_layers_and_keeps_parameters():
@@ -147,32 +159,16 @@ def test_use_cpu_convolutions_swaps_3x3_layers_and_keeps_parameters():
 def test_gemm_convolution_equals_direct_stride_2_convolution_in_float64(size, channels_last):
     torch.manual_seed(0)
     conv = nn.Conv2d(5, 7, 3, stride=2, padding=1).double()
-    model = nn.Sequential(nn.Conv2d(5, 7, 3, stride=2, padding=1).double())
-    model[0].load_state_dict(conv.state_dict())
-    assert use_cpu_convolutions(model, min_channels=1) == 1 and isinstance(model[0], GemmConv2d)
+    ours = _swapped_twin(conv)
+    assert isinstance(ours, GemmConv2d)
     x = torch.randn(3, 5, size, size, dtype=torch.float64)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    outputs, grads = [], []
-    for module in (conv, model):
-        xr = x.clone().requires_grad_()
-        out = module(xr)
-        out.backward(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape))
-        outputs.append(out)
-        grads.append([xr.grad, *(p.grad for p in module.parameters())])
-    assert outputs[1].shape == outputs[0].shape
-    assert _relative_error(outputs[1], outputs[0]) < 1e-13
-    for ours, direct in zip(grads[1], grads[0]):
-        assert ours.stride() == direct.stride() or ours.dim() < 4
-        assert _relative_error(ours, direct) < 1e-13
+    _assert_same_as(conv, ours, x.to(memory_format=torch.channels_last) if channels_last else x, 1e-13)
 
 
 def test_gemm_convolution_leaves_larger_maps_to_torch():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False)
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False))
-    model[0].load_state_dict(conv.state_dict())
-    use_cpu_convolutions(model, min_channels=1)
+    model = _swapped_twin(conv)
     x = torch.randn(2, 4, 9, 9)  # onto 5x5: above GemmConv2d.max_output
     assert torch.equal(model(x), conv(x))  # torch's own kernel, bit for bit
     assert type(model(x).grad_fn).__name__ == "ConvolutionBackward0"
@@ -184,9 +180,7 @@ def test_gemm_convolution_leaves_larger_maps_to_torch():
 def test_falls_back_to_direct_convolution_under_autocast():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, 3, padding=1)
-    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1))
-    model[0].load_state_dict(conv.state_dict())
-    use_cpu_convolutions(model, min_channels=1)
+    model = _swapped_twin(conv)
     x = torch.randn(2, 8, 6, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model(x), conv(x))  # the same bf16 kernel, bit for bit

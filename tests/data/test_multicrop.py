@@ -31,14 +31,11 @@ def test_paper_defaults_and_augmentations_on_every_crop():
     views.bind(Preprocessing(image_size=224))
     assert [tuple(v.shape) for v in views(torch.zeros(3, 256, 256, dtype=torch.uint8))] == \
         [(3, 224, 224)] * 2 + [(3, 96, 96)] * 6
-    for pipeline, scale in zip(views.pipelines, [(0.14, 1.0), (0.05, 0.14)]):
-        ops = pipeline.transforms
-        crop = next(op for op in ops if isinstance(op, T.RandomResizedCrop))
-        assert tuple(crop.scale) == scale
-        wrapped = [t for op in ops if isinstance(op, T.RandomApply) for t in op.transforms]
-        assert any(isinstance(t, T.ColorJitter) for t in wrapped)
-        assert any(isinstance(t, T.GaussianBlur) for t in wrapped)
-        assert any(isinstance(op, T.RandomGrayscale) for op in ops)
+    for pipeline, size, scale in zip(views.pipelines, (224, 96), [(0.14, 1.0), (0.05, 0.14)]):
+        assert isinstance(pipeline.crop, T.RandomResizedCrop)
+        assert (tuple(pipeline.crop.size), tuple(pipeline.crop.scale)) == ((size, size), scale)
+        assert (pipeline.jitter_p, pipeline.grayscale_p, pipeline.blur_p) == (0.8, 0.2, 0.5)
+        assert pipeline.jitter.brightness == pytest.approx((0.2, 1.8)) and pipeline.jitter.hue == (-0.2, 0.2)
 
 
 def test_no_local_crops_is_plain_two_crop():

@@ -1,0 +1,68 @@
+"""``Augmentation`` against torchvision's own ``T.Compose`` of the same v2 transforms: same seed, same tensors."""
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2 as T
+from PIL import Image
+
+from selfsup.data.transforms import Augmentation
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _compose(size, scale, jitter_strength, jitter_p, grayscale_p, blur_p, flip_p=0.5, mean=MEAN, std=STD):
+    """The reference: the v2 transforms in the order the SimCLR and SwAV papers apply them."""
+    s = jitter_strength
+    ops = [T.ToImage(), T.RandomResizedCrop(size, scale=scale, antialias=True), T.RandomHorizontalFlip(flip_p)]
+    if jitter_p > 0 and s > 0:
+        ops.append(T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=jitter_p))
+    if grayscale_p > 0:
+        ops.append(T.RandomGrayscale(grayscale_p))
+    if blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(max(3, (size // 10) | 1), sigma=(0.1, 2.0))], p=blur_p))
+    return T.Compose(ops + [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+
+
+def _images():
+    g = torch.Generator().manual_seed(0)
+    gray = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8, generator=g)
+    rgb = torch.randint(0, 256, (3, 40, 36), dtype=torch.uint8, generator=g)
+    pil = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    return {"gray tensor": gray, "rgb tensor": rgb, "PIL": pil}
+
+
+SETTINGS = {  # (size, scale, jitter_strength, jitter_p, grayscale_p, blur_p, flip_p)
+    "swav local crop": (16, (0.05, 0.14), 1.0, 0.8, 0.2, 0.5, 0.5),
+    "swav global crop": (32, (0.14, 1.0), 1.0, 0.8, 0.2, 0.5, 0.5),
+    "simclr": (32, (0.08, 1.0), 0.5, 0.8, 0.2, 0.0, 0.5),
+    "always jitter, grayscale and blur": (24, (0.3, 1.0), 1.0, 1.0, 1.0, 1.0, 1.0),
+    "masked image modeling": (32, (0.2, 1.0), 0.0, 0.0, 0.0, 0.0, 0.5),
+}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("image", ["gray tensor", "rgb tensor", "PIL"])
+def test_same_tensors_as_torchvision_compose_for_the_same_seed(setting, image):
+    x = _images()[image]
+    channels = 1 if image == "gray tensor" else 3
+    mean, std = MEAN[:channels], STD[:channels]
+    reference, ours = _compose(*SETTINGS[setting], mean=mean, std=std), Augmentation(*SETTINGS[setting], mean=mean, std=std)
+    outputs = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        expected, next_draw = reference(x), torch.rand(1)
+        torch.manual_seed(seed)
+        got = ours(x)
+        assert type(got) is torch.Tensor and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected.as_subclass(torch.Tensor), rtol=0, atol=0)
+        assert torch.equal(torch.rand(1), next_draw), "the random stream must advance as torchvision's does"
+        outputs.add(got.numpy().tobytes())
+    assert len(outputs) > 30  # and it does augment: different seeds, different views
+
+
+@pytest.mark.parametrize("name, value", [("jitter_p", 1.5), ("grayscale_p", -0.1), ("blur_p", 2.0),
+                                         ("flip_p", -1.0), ("jitter_strength", -0.5)])
+def test_bad_probabilities_and_strength_are_rejected(name, value):
+    kwargs = dict(size=16, scale=(0.2, 1.0), jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
+    with pytest.raises(ValueError, match=name):
+        Augmentation(**{**kwargs, name: value})

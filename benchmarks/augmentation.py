@@ -35,7 +35,8 @@ def compose(size: int, scale: tuple[float, float]) -> T.Compose:
     return T.Compose([T.ToImage(), T.RandomResizedCrop(size, scale=scale, antialias=True), T.RandomHorizontalFlip(),
                       T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), T.RandomGrayscale(0.2),
                       T.RandomApply([T.GaussianBlur(max(3, (size // 10) | 1), sigma=(0.1, 2.0))], p=0.5),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(FASHION_MNIST_INFO.mean, FASHION_MNIST_INFO.std)])
+                      T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(FASHION_MNIST_INFO.mean, FASHION_MNIST_INFO.std)])
 
 
 def us_per_view(transform, images: list[torch.Tensor]) -> float:

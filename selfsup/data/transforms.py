@@ -74,6 +74,14 @@ def _check_scale(name: str, scale: Range) -> None:
         raise ValueError(f"{name}={tuple(scale)} must satisfy 0 < low <= high <= 1")
 
 
+def _check_augmentation(jitter_strength: float = 0.0, **probabilities: float) -> None:
+    for name, p in probabilities.items():
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name}={p} must be a probability in [0, 1]")
+    if jitter_strength < 0:
+        raise ValueError(f"jitter_strength={jitter_strength} must be >= 0")
+
+
 class Augmentation:
     """The SimCLR augmentation family for one image: random resized crop, horizontal flip, colour jitter,
     grayscale and Gaussian blur, then the conversion to a normalised float tensor.
@@ -83,19 +91,15 @@ class Augmentation:
     same seed, ``T.Compose([ToImage(), RandomResizedCrop, RandomHorizontalFlip, RandomApply([ColorJitter]),
     RandomGrayscale, RandomApply([GaussianBlur]), ToDtype, Normalize])`` tensor for tensor
     (``tests/data/test_augmentation.py``). What it leaves out is v2's per-call input handling (pytree
-    flattening, type checks, dispatch), which on small crops costs more than the kernels: a 16 px crop of
-    a 28 px image takes about 290 us instead of 445 (one thread, benchmark host). Set a probability or the
-    jitter strength to 0 to drop a step.
+    flattening, type checks, dispatch), which on small crops costs more than the kernels: a SwAV crop of a
+    28 px image takes about 260 us instead of 390 (``benchmarks/augmentation.py``, one thread). Set a
+    probability or the jitter strength to 0 to drop a step.
     """
 
     def __init__(self, size: int, scale: Range, jitter_strength: float, jitter_p: float, grayscale_p: float,
                  blur_p: float, flip_p: float = 0.5, mean: tuple[float, ...] = Preprocessing.mean,
                  std: tuple[float, ...] = Preprocessing.std):
-        for name, p in (("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p), ("flip_p", flip_p)):
-            if not 0 <= p <= 1:
-                raise ValueError(f"{name}={p} must be a probability in [0, 1]")
-        if jitter_strength < 0:
-            raise ValueError(f"jitter_strength={jitter_strength} must be >= 0")
+        _check_augmentation(jitter_strength, jitter_p=jitter_p, grayscale_p=grayscale_p, blur_p=blur_p, flip_p=flip_p)
         s = jitter_strength
         self.crop = T.RandomResizedCrop(size, scale=tuple(scale), antialias=True)
         self.flip_p, self.jitter_p, self.grayscale_p, self.blur_p = flip_p, jitter_p, grayscale_p, blur_p
@@ -130,6 +134,7 @@ class ContrastiveViews(ViewTransform):
         if num_views < 2:
             raise ValueError(f"num_views={num_views} must be at least 2 for a contrastive loss")
         _check_scale("crop_scale", crop_scale)
+        _check_augmentation(jitter_strength, jitter_p=jitter_p, grayscale_p=grayscale_p, blur_p=blur_p)
         self.num_views, self.image_size = num_views, image_size
         self.params = dict(scale=tuple(crop_scale), jitter_strength=jitter_strength, jitter_p=jitter_p,
                            grayscale_p=grayscale_p, blur_p=blur_p)
@@ -184,6 +189,7 @@ class MultiCropViews(ViewTransform):
         if global_crops.count < 1:
             raise ValueError(f"global_crops.count={global_crops.count}: multi-crop needs at least one global "
                              "crop (the paper uses 2)")
+        _check_augmentation(jitter_strength, jitter_p=jitter_p, grayscale_p=grayscale_p, blur_p=blur_p)
         self.global_crops, self.local_crops = global_crops, local_crops
         self.params = dict(jitter_strength=jitter_strength, jitter_p=jitter_p, grayscale_p=grayscale_p,
                            blur_p=blur_p)
@@ -217,6 +223,7 @@ class MaskedImageView(ViewTransform):
 
     def __init__(self, crop_scale: Range = (0.2, 1.0), flip_p: float = 0.5, image_size: int | None = None):
         _check_scale("crop_scale", crop_scale)
+        _check_augmentation(flip_p=flip_p)
         self.crop_scale, self.flip_p, self.image_size = tuple(crop_scale), flip_p, image_size
         self.pipeline: Augmentation | None = None
 

@@ -5,7 +5,7 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 
-from selfsup.data.transforms import Augmentation
+from selfsup.data.transforms import Augmentation, ContrastiveViews, MaskedImageView, MultiCropViews
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -46,7 +46,8 @@ def test_same_tensors_as_torchvision_compose_for_the_same_seed(setting, image):
     x = _images()[image]
     channels = 1 if image == "gray tensor" else 3
     mean, std = MEAN[:channels], STD[:channels]
-    reference, ours = _compose(*SETTINGS[setting], mean=mean, std=std), Augmentation(*SETTINGS[setting], mean=mean, std=std)
+    reference = _compose(*SETTINGS[setting], mean=mean, std=std)
+    ours = Augmentation(*SETTINGS[setting], mean=mean, std=std)
     outputs = set()
     for seed in range(40):
         torch.manual_seed(seed)
@@ -66,3 +67,14 @@ def test_bad_probabilities_and_strength_are_rejected(name, value):
     kwargs = dict(size=16, scale=(0.2, 1.0), jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
     with pytest.raises(ValueError, match=name):
         Augmentation(**{**kwargs, name: value})
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ContrastiveViews(jitter_p=1.2),
+    lambda: ContrastiveViews(jitter_strength=-1.0),
+    lambda: MultiCropViews(blur_p=-0.5),
+    lambda: MaskedImageView(flip_p=2.0),
+])
+def test_views_reject_bad_probabilities_when_configured(make):
+    with pytest.raises(ValueError, match="must be"):
+        make()

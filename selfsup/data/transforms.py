@@ -78,8 +78,8 @@ def _check_augmentation(jitter_strength: float = 0.0, **probabilities: float) ->
     for name, p in probabilities.items():
         if not 0 <= p <= 1:
             raise ValueError(f"{name}={p} must be a probability in [0, 1]")
-    if jitter_strength < 0:
-        raise ValueError(f"jitter_strength={jitter_strength} must be >= 0")
+    if not 0 <= jitter_strength <= 2.5:  # hue jitter is 0.2 * strength, and hue shifts stop at half a turn
+        raise ValueError(f"jitter_strength={jitter_strength} must be in [0, 2.5]")
 
 
 class Augmentation:

@@ -5,7 +5,8 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 
-from selfsup.data.transforms import Augmentation, ContrastiveViews, MaskedImageView, MultiCropViews
+from selfsup.data.transforms import (Augmentation, ContrastiveViews, Crops, MaskedImageView, MultiCropViews,
+                                     Preprocessing)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -37,6 +38,8 @@ SETTINGS = {  # (size, scale, jitter_strength, jitter_p, grayscale_p, blur_p, fl
     "simclr": (32, (0.08, 1.0), 0.5, 0.8, 0.2, 0.0, 0.5),
     "always jitter, grayscale and blur": (24, (0.3, 1.0), 1.0, 1.0, 1.0, 1.0, 1.0),
     "masked image modeling": (32, (0.2, 1.0), 0.0, 0.0, 0.0, 0.0, 0.5),
+    "paper local crop, 96 px (blur kernel 9), no flip": (96, (0.05, 0.14), 1.0, 0.8, 0.2, 0.5, 0.0),
+    "jitter probability without strength": (24, (0.3, 1.0), 0.0, 0.8, 0.2, 0.5, 0.5),
 }
 
 
@@ -62,7 +65,7 @@ def test_same_tensors_as_torchvision_compose_for_the_same_seed(setting, image):
 
 
 @pytest.mark.parametrize("name, value", [("jitter_p", 1.5), ("grayscale_p", -0.1), ("blur_p", 2.0),
-                                         ("flip_p", -1.0), ("jitter_strength", -0.5)])
+                                         ("flip_p", -1.0), ("jitter_strength", -0.5), ("jitter_strength", 3.0)])
 def test_bad_probabilities_and_strength_are_rejected(name, value):
     kwargs = dict(size=16, scale=(0.2, 1.0), jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
     with pytest.raises(ValueError, match=name):
@@ -72,9 +75,31 @@ def test_bad_probabilities_and_strength_are_rejected(name, value):
 @pytest.mark.parametrize("make", [
     lambda: ContrastiveViews(jitter_p=1.2),
     lambda: ContrastiveViews(jitter_strength=-1.0),
+    lambda: ContrastiveViews(jitter_strength=3.0),
     lambda: MultiCropViews(blur_p=-0.5),
     lambda: MaskedImageView(flip_p=2.0),
 ])
 def test_views_reject_bad_probabilities_when_configured(make):
     with pytest.raises(ValueError, match="must be"):
         make()
+
+
+@pytest.mark.parametrize("views, settings", [
+    (ContrastiveViews(num_views=2, crop_scale=(0.2, 1.0), jitter_strength=0.5, blur_p=0.5),
+     [(20, (0.2, 1.0), 0.5, 0.8, 0.2, 0.5)] * 2),
+    (MultiCropViews(Crops(1, 20, (0.3, 1.0)), Crops(2, 12, (0.05, 0.3))),
+     [(20, (0.3, 1.0), 1.0, 0.8, 0.2, 0.5)] + [(12, (0.05, 0.3), 1.0, 0.8, 0.2, 0.5)] * 2),
+    (MaskedImageView(crop_scale=(0.5, 1.0), flip_p=0.3), [(20, (0.5, 1.0), 0.0, 0.0, 0.0, 0.0, 0.3)]),
+])
+def test_views_apply_the_runs_preprocessing(views, settings):
+    """Each view is the reference pipeline with the bound preprocessing's size, mean and std."""
+    mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
+    views.bind(Preprocessing(image_size=20, mean=mean, std=std))
+    x = _images()["rgb tensor"]
+    torch.manual_seed(7)
+    got = views(x)
+    torch.manual_seed(7)
+    expected = [_compose(*setting, mean=mean, std=std)(x) for setting in settings]
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e.as_subclass(torch.Tensor), rtol=0, atol=0)

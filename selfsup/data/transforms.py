@@ -189,10 +189,10 @@ class MultiCropViews(ViewTransform):
         if global_crops.count < 1:
             raise ValueError(f"global_crops.count={global_crops.count}: multi-crop needs at least one global "
                              "crop (the paper uses 2)")
-        _check_augmentation(jitter_strength, jitter_p=jitter_p, grayscale_p=grayscale_p, blur_p=blur_p)
         self.global_crops, self.local_crops = global_crops, local_crops
         self.params = dict(jitter_strength=jitter_strength, jitter_p=jitter_p, grayscale_p=grayscale_p,
                            blur_p=blur_p)
+        _check_augmentation(**self.params)
         self.pipelines: list[Augmentation] | None = None
 
     @property

@@ -134,10 +134,10 @@ class ContrastiveViews(ViewTransform):
         if num_views < 2:
             raise ValueError(f"num_views={num_views} must be at least 2 for a contrastive loss")
         _check_scale("crop_scale", crop_scale)
-        _check_augmentation(jitter_strength, jitter_p=jitter_p, grayscale_p=grayscale_p, blur_p=blur_p)
+        augment = dict(jitter_strength=jitter_strength, jitter_p=jitter_p, grayscale_p=grayscale_p, blur_p=blur_p)
+        _check_augmentation(**augment)
         self.num_views, self.image_size = num_views, image_size
-        self.params = dict(scale=tuple(crop_scale), jitter_strength=jitter_strength, jitter_p=jitter_p,
-                           grayscale_p=grayscale_p, blur_p=blur_p)
+        self.params = dict(scale=tuple(crop_scale), **augment)
         self.pipeline: Augmentation | None = None
 
     def bind(self, preprocessing: Preprocessing) -> None:

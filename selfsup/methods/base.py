@@ -17,6 +17,7 @@ from selfsup import memory, reliability
 from selfsup.data.datamodule import Batch
 from selfsup.models.encoder import Encoder
 from selfsup.models.cpu_conv import use_cpu_convolutions
+from selfsup.models.cpu_norm import use_fused_batchnorm
 
 OPTIMIZERS = ("adamw", "sgd", "lars", "lamb")
 FUSED_OPTIMIZERS = ("adamw", "sgd")  # torch.optim's, which have fused CPU and CUDA kernels
@@ -95,6 +96,14 @@ class SSLMethod(L.LightningModule):
             saved activations. Applied when the model is set up on a CPU; float32 only (autocast and GPUs
             convolve as torch does, and GPU libraries choose such algorithms themselves). No higher-order
             gradients: turn it off for gradient penalties.
+        cpu_batchnorm: on CPU, fuse the encoder's BatchNorms with the ReLU and residual add after them
+            (:mod:`selfsup.models.cpu_norm`; timm ResNets): one compiled kernel instead of three torch
+            operators, reading and writing each activation 5-8 times per step instead of 13. Same parameters,
+            buffers and state dict; results equal torch's up to float32 rounding. A SwAV multi-crop step ran
+            5-7% faster on our test machine. Applied when a fit without ``sync_batchnorm`` sets up on a CPU;
+            float32 channels-last training only (everything else runs torch's operators). The kernels are
+            built with the system C compiler on first use (about a second, cached); without one, a warning
+            says so and torch's operators run.
         max_consecutive_nonfinite: a step whose loss or gradient is NaN/Inf is skipped and counted; this
             many skips in a row stop the run with an error naming the step and the term.
         init_from: start a new run from the encoder weights of a selfsup checkpoint, an exported
@@ -108,7 +117,8 @@ class SSLMethod(L.LightningModule):
                  weight_decay: float = 0.05, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_epochs: float = 10.0, min_lr_ratio: float = 0.0, lr_batch_denominator: int = 256,
                  channels_last: bool = False, micro_batch_size: int | None = None, keep_freed_memory: bool = True,
-                 cpu_conv: bool = True, max_consecutive_nonfinite: int = 5, init_from: str | None = None):
+                 cpu_conv: bool = True, cpu_batchnorm: bool = True, max_consecutive_nonfinite: int = 5,
+                 init_from: str | None = None):
         super().__init__()
         _check("optimizer", optimizer in OPTIMIZERS, optimizer, f"one of {OPTIMIZERS}")
         _check("base_lr", base_lr > 0, base_lr, "positive")
@@ -174,6 +184,10 @@ class SSLMethod(L.LightningModule):
             memory.keep_freed_memory()
         if on_cpu and self.hparams.get("cpu_conv", True):
             use_cpu_convolutions(self.encoder)
+        # after setup, sync_batchnorm replaces every BatchNorm with one that knows nothing of fused ReLUs
+        if on_cpu and self.hparams.get("cpu_batchnorm", True) and getattr(self.trainer.strategy, "_layer_sync",
+                                                                           None) is None:
+            use_fused_batchnorm(self.encoder)
         if stage == "fit" and self.hparams.get("init_from") and not self.trainer.ckpt_path:
             from selfsup.export import init_encoder_from
 

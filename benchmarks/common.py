@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from selfsup.memory import freed_memory_kept, keep_freed_memory
 from selfsup.models.cpu_conv import use_cpu_convolutions
+from selfsup.models.cpu_norm import use_fused_batchnorm
 
 RESULTS = Path(__file__).with_name("results.jsonl")
 
@@ -53,20 +54,26 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conv", choices=("selfsup", "direct"), default="selfsup",
                         help="selfsup: Winograd and GEMM convolutions as selfsup's CPU training runs them "
                              "(selfsup.models.cpu_conv); direct: torch's own convolutions")
+    parser.add_argument("--batchnorm", choices=("fused", "torch"), default="fused",
+                        help="fused: BatchNorm + ReLU (+ residual add) in one kernel, as selfsup's CPU training runs "
+                             "them (selfsup.models.cpu_norm); torch: torch's own operators")
     add_malloc_argument(parser)
 
 
 def apply_conv(args: argparse.Namespace, model: torch.nn.Module) -> None:
-    """Apply ``--conv selfsup`` to ``model``'s encoder. Call it after counting FLOPs: MFU counts the model's
-    FLOPs (direct convolution), not the fewer that Winograd's algorithm performs."""
+    """Apply ``--conv selfsup`` and ``--batchnorm fused`` to ``model``'s encoder. Call it after counting
+    FLOPs: MFU counts the model's FLOPs (direct convolution), not the fewer that Winograd's algorithm performs."""
     if args.conv == "selfsup":
         use_cpu_convolutions(model.encoder)
+    if args.batchnorm == "fused":
+        use_fused_batchnorm(model.encoder)
 
 
 def variant_label(args: argparse.Namespace) -> str:
-    """What result names add for settings off the default: `` micro-batch N``, `` direct-conv``."""
+    """What result names add for settings off the default: `` micro-batch N``, `` direct-conv``,
+    `` torch-batchnorm``."""
     return ((f" micro-batch {args.micro_batch_size}" if args.micro_batch_size else "")
-            + (" direct-conv" if args.conv == "direct" else ""))
+            + (" direct-conv" if args.conv == "direct" else "") + (" torch-batchnorm" if args.batchnorm == "torch" else ""))
 
 
 def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:
@@ -92,6 +99,18 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def best_ms(fn: Callable[[], Any], repeats: int) -> float:
+    """Milliseconds of the fastest of ``repeats`` calls of ``fn``, after two warm-up calls."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
 
 
 def time_steps(step: Callable[[Any], Any], batches: Iterator[Any], steps: int, warmup: int = 2) -> float:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_malloc_argument, apply_malloc, record  # noqa: E402
+from common import add_malloc_argument, apply_malloc, best_ms, record  # noqa: E402
 
 from selfsup.models.cpu_conv import use_cpu_convolutions  # noqa: E402
 
@@ -28,17 +27,6 @@ from selfsup.models.cpu_conv import use_cpu_convolutions  # noqa: E402
 SHAPES = [(512, 64, 64, 32, 1), (512, 128, 128, 16, 1), (512, 256, 256, 8, 1), (512, 512, 512, 4, 1),
           (1024, 512, 512, 2, 1), (1024, 256, 512, 4, 2), (512, 256, 512, 8, 2), (1024, 128, 256, 8, 2),
           (512, 128, 256, 16, 2)]
-
-
-def best_ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
 
 
 def main() -> None:

@@ -83,7 +83,7 @@ def main() -> None:
                batch_size=args.batch_size, threads=args.threads, workers=args.workers, crops=len(fixed.views),
                crops_per_s=crops_per_s, gflop_per_image=round(flops / args.batch_size / 1e9, 2),
                prototypes=args.prototypes, precision=precision, micro_batch_size=args.micro_batch_size,
-               conv=args.conv)
+               conv=args.conv, batchnorm=args.batchnorm)
         print(f"{'':<40} {crops_per_s:8.1f} crops/s, {flops / args.batch_size / 1e9:.2f} GFLOP per image", flush=True)
 
 

@@ -60,7 +60,7 @@ def main() -> None:
             chunks = variant_label(args)
             report(f"simclr {args.model} {precision} {memory_format}{chunks} {'with' if with_data else 'without'} data",
                    args.batch_size, seconds, flops, peak, batch_size=args.batch_size, threads=args.threads,
-                   workers=args.workers, micro_batch_size=args.micro_batch_size, conv=args.conv)
+                   workers=args.workers, micro_batch_size=args.micro_batch_size, conv=args.conv, batchnorm=args.batchnorm)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ does it for CPUs, for two cases:
   forward, input gradient and weight gradient all run in the Winograd domain. Outputs and gradients differ
   from direct convolution by rounding: about 1e-5 relative to their largest value in float32 (``m = 2``:
   3e-6); the transforms are exact, which ``tests/models/test_cpu_conv.py`` checks in float64.
+  For float32 channels-last tensors, the F(4x4, 3x3) input transform, output transform and the output's
+  adjoint (weight gradient) run as compiled kernels (``csrc/winograd.c``, built by
+  :mod:`selfsup.models.cpu_kernels`) that read their input once and write their output once, instead of a
+  gather, a 36x36 GEMM and copies: 512 images of 128 channels at 16x16, input transform 33 -> 12 ms. Without a
+  C compiler, the torch transforms run, with the same results up to rounding.
 - **3x3 stride-2 layers onto maps of at most 4x4: one GEMM** over the unfolded input (im2col), where
   oneDNN's strided kernels are slowest. Same multiplications as direct convolution, float32 rounding only.
 
@@ -36,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from selfsup.models.cpu_kernels import kernels, ptr
 
 # Lavin & Gray's transforms, F(2x2, 3x3) and F(4x4, 3x3): (B^T, G, A^T) with interpolation points 0, +-1, +-2.
 _TRANSFORMS = {
@@ -100,6 +107,10 @@ def _input_transform(x: torch.Tensor, tile: int) -> torch.Tensor:
     """
     n, c, h, w = x.shape
     th, tw = _tiles(h, w, tile)
+    if _compiled(x, tile):
+        v = x.new_empty(36, n * th * tw, c)
+        kernels().winograd4_input(ptr(x), n, h, w, c, ptr(v), torch.get_num_threads())
+        return v
     bb = _matrices(tile, x.dtype)[0]
     return (bb @ _gather_tiles(x, tile)).view(bb.shape[0], n * th * tw, c)
 
@@ -108,6 +119,10 @@ def _output_transform(m: torch.Tensor, tile: int, n: int, h: int, w: int, channe
     """``A^T M A`` for every tile, assembled into an (N, K, H, W) tensor."""
     k = m.shape[-1]
     th, tw = _tiles(h, w, tile)
+    if _compiled(m, tile):
+        y = torch.empty(n, k, h, w, dtype=m.dtype, memory_format=torch.channels_last)
+        kernels().winograd4_output(ptr(m), n, h, w, k, ptr(y), torch.get_num_threads())
+        return _in_format(y, channels_last)
     aa = _matrices(tile, m.dtype)[2]
     y = (aa @ m.view(m.shape[0], -1)).view(tile, tile, n, th, tw, k)
     y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, th * tile, tw * tile, k)[:, :h, :w].permute(0, 3, 1, 2)
@@ -119,6 +134,14 @@ def _weight_transform(weight: torch.Tensor, tile: int) -> torch.Tensor:
     k, c = weight.shape[:2]
     gg = _matrices(tile, weight.dtype)[1]
     return (gg @ weight.permute(2, 3, 1, 0).reshape(9, c * k)).view(-1, c, k)
+
+
+def _compiled(t: torch.Tensor, tile: int, layout: bool = True) -> bool:
+    """Whether the compiled F(4x4, 3x3) transforms (``csrc/winograd.c``) take ``t``: float32 on CPU, channels-last
+    for an image tensor (``layout``; a transformed tensor is always contiguous), and the kernels built."""
+    laid_out = t.is_contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.is_contiguous()
+    return (tile == 4 and t.device.type == "cpu" and t.dtype == torch.float32 and (laid_out or not layout)
+            and kernels() is not None)
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -155,12 +178,17 @@ class _WinogradConv3x3(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # adjoints of the output and weight transforms, around dU = V^T dM
             k = grad.shape[1]
             th, tw = _tiles(h, w, tile)
-            g = grad.permute(0, 2, 3, 1)
-            if (th * tile, tw * tile) != (h, w):
-                g = F.pad(g, (0, 0, 0, tw * tile - w, 0, th * tile - h))
-            g = g.reshape(n, th, tile, tw, tile, k).permute(2, 4, 0, 1, 3, 5).reshape(tile * tile, -1)
             bb, gg, aa = _matrices(tile, grad.dtype)
-            grad_m = (aa.t() @ g).view(-1, n * th * tw, k)
+            g = grad.contiguous(memory_format=torch.channels_last) if _compiled(grad, tile, layout=False) else None
+            if g is not None:
+                grad_m = grad.new_empty(36, n * th * tw, k)
+                kernels().winograd4_output_adjoint(ptr(g), n, h, w, k, ptr(grad_m), torch.get_num_threads())
+            else:
+                g = grad.permute(0, 2, 3, 1)
+                if (th * tile, tw * tile) != (h, w):
+                    g = F.pad(g, (0, 0, 0, tw * tile - w, 0, th * tile - h))
+                g = g.reshape(n, th, tile, tw, tile, k).permute(2, 4, 0, 1, 3, 5).reshape(tile * tile, -1)
+                grad_m = (aa.t() @ g).view(-1, n * th * tw, k)
             grad_u = torch.bmm(v.transpose(1, 2), grad_m)
             grad_w = (gg.t() @ grad_u.reshape(grad_u.shape[0], -1)).view(3, 3, c, k).permute(3, 2, 0, 1)
         return grad_x, grad_w, None

@@ -8,9 +8,8 @@ times per step instead of 13 (numbers in ``benchmarks/README.md``, round 7). Sta
 and gradients are BatchNorm's, up to float32 rounding; sums are accumulated in double.
 
 Everything else falls back to torch's own operators with the same result: eval mode, GPUs, other dtypes,
-autocast, contiguous (not channels-last) tensors, and any machine where the kernels cannot be built. The
-kernels are compiled on first use with the system C compiler (``cc``, or ``$CC``) and OpenMP, for the CPU
-they run on, and cached under ``$SELFSUP_CACHE`` (default ``~/.cache/selfsup``); about a second.
+autocast, contiguous (not channels-last) tensors, and any machine where the kernels cannot be built
+(:mod:`selfsup.models.cpu_kernels` builds them on first use).
 
 :func:`use_fused_batchnorm` applies it in place to timm ResNets (stem, basic and bottleneck blocks): the
 modules keep their parameters, buffers, hooks and state-dict keys; only their classes change. It is what
@@ -19,93 +18,13 @@ modules keep their parameters, buffers, hooks and state-dict keys; only their cl
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import Tensor, nn
 
-_SOURCE = Path(__file__).with_name("csrc") / "batchnorm.c"
-_FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC")
-_library: ctypes.CDLL | None | bool = False  # False: not tried yet; None: tried and unavailable
-
-
-def _cpu_signature() -> str:
-    """What ``-march=native`` compiles for: the CPU model and its feature flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("SELFSUP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "selfsup"
-    return Path(root) / "kernels"
-
-
-def _compile() -> Path:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (install gcc, or set CC)")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(_FLAGS).encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"batchnorm-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".batchnorm-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: processes building at once each install a complete library
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return target
-
-
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.bn_stats.argtypes = [p, i64, i64, p, p, i32]
-    lib.bn_stats.restype = i32
-    lib.bn_forward.argtypes = [p, p, p, p, p, i64, i64, i32, i32]
-    lib.bn_forward.restype = None
-    lib.bn_backward_reduce.argtypes = [p, p, p, p, p, p, i64, i64, i32, p, p, i32]
-    lib.bn_backward_reduce.restype = i32
-    lib.bn_backward_input.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i32, i32]
-    lib.bn_backward_input.restype = None
-    return lib
-
-
-def kernels() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first call; ``None`` (with one warning) where they cannot be built."""
-    global _library
-    if _library is False:
-        try:
-            _library = _declare(ctypes.CDLL(str(_compile())))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            warnings.warn(f"selfsup: fused CPU BatchNorm unavailable, using torch's operators ({error})",
-                          RuntimeWarning, stacklevel=2)
-            _library = None
-    return _library
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+from selfsup.models.cpu_kernels import kernels
+from selfsup.models.cpu_kernels import ptr as _ptr
 
 
 def _check(status: int) -> None:

@@ -276,3 +276,37 @@ def test_frozen_weight_keeps_no_transformed_input(stride):
     weight_bytes = 8 * 8 * 9 * 4
     assert saved_bytes(False) == weight_bytes
     assert saved_bytes(True) > 8 * weight_bytes
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 70, 6, 5), (4, 130, 8, 8), (1, 3, 1, 2)])
+def test_compiled_transforms_equal_torch_transforms(monkeypatch, shape):
+    """The compiled F(4x4, 3x3) transforms (csrc/winograd.c: input, output, and the output's adjoint in the
+    weight gradient) against the torch ones (gather + 36x36 GEMM), on ragged maps and channel counts that are
+    not multiples of the kernels' 64-channel blocks."""
+    from selfsup.models import cpu_conv, cpu_kernels
+
+    if cpu_kernels.kernels() is None:
+        pytest.skip("no C compiler: the compiled transforms cannot be built here")
+    n, c, h, w = shape
+    x = torch.randn(shape).to(memory_format=torch.channels_last)
+    weight = torch.randn(c + 1, c, 3, 3)
+    m = torch.randn(36, n * -(-h // 4) * -(-w // 4), c)
+
+    def run():
+        v = cpu_conv._input_transform(x, 4)
+        y = cpu_conv._output_transform(m, 4, n, h, w, True)
+        conv, _ = _conv_and_grads(lambda a, b: winograd_conv3x3(a, b, 4), x, weight,
+                                  torch.linspace(-1, 1, n * (c + 1) * h * w).view(n, c + 1, h, w))
+        return (v, y, *conv)
+
+    calls = []
+    library = cpu_kernels.kernels()
+    monkeypatch.setattr(cpu_conv, "kernels", lambda: calls.append(1) or library)
+    compiled = run()
+    assert calls  # the compiled path ran
+    monkeypatch.setattr(cpu_conv, "kernels", lambda: None)
+    reference = run()
+    assert compiled[1].is_contiguous(memory_format=torch.channels_last)
+    for ours, theirs in zip(compiled, reference):
+        assert ours.shape == theirs.shape
+        assert _relative_error(ours, theirs) < 1e-5

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.models import cpu_norm
+from selfsup.models import cpu_kernels
 from selfsup.models.cpu_norm import FusedBatchNorm2d, use_fused_batchnorm
 from selfsup.models.encoder import Encoder
 
@@ -246,12 +246,12 @@ def test_sync_batchnorm_conversion_refuses_fused_relu():
 
 
 def test_without_a_compiler_warns_once_and_runs_torch(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_norm, "_library", False)
+    monkeypatch.setattr(cpu_kernels, "_library", False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "cache"))
     bn = FusedBatchNorm2d(4, relu=True)
     x = _channels_last(5, 4, 3, 3)
-    with pytest.warns(RuntimeWarning, match="fused CPU BatchNorm unavailable"):
+    with pytest.warns(RuntimeWarning, match="compiled CPU kernels unavailable"):
         y = bn(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -261,14 +261,14 @@ def test_without_a_compiler_warns_once_and_runs_torch(monkeypatch, tmp_path):
 
 
 def test_kernels_are_cached_per_source_and_cpu(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_norm, "_library", False)
+    monkeypatch.setattr(cpu_kernels, "_library", False)
     monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path))
-    assert cpu_norm.kernels() is not None
-    built = list((tmp_path / "kernels").glob("batchnorm-*.so"))
-    assert len(built) == 1 and not list((tmp_path / "kernels").glob(".batchnorm-*"))  # no temp file left
+    assert cpu_kernels.kernels() is not None
+    built = list((tmp_path / "kernels").glob("selfsup-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "kernels").glob(".selfsup-*"))  # no temp file left
     stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(cpu_norm, "_library", False)
-    assert cpu_norm.kernels() is not None
+    monkeypatch.setattr(cpu_kernels, "_library", False)
+    assert cpu_kernels.kernels() is not None
     assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 

@@ -89,8 +89,9 @@ class SSLMethod(L.LightningModule):
             otherwise page-faults its activations in again. 1.2-1.4x faster CPU steps on our test machine, for
             up to 1.5x the peak memory. Process-wide, applied when fit starts on a CPU; GPUs are unaffected.
         cpu_conv: on CPU, run the encoder's 3x3 convolutions with selfsup's CPU algorithms
-            (:mod:`selfsup.models.cpu_conv`): stride-1 layers of at least 128 channels by Winograd's
-            F(4x4, 3x3) (2.25 instead of 9 multiplications per output), stride-2 layers onto maps of at most
+            (:mod:`selfsup.models.cpu_conv`): stride-1 layers of at least 64 channels (128 where no C
+            compiler builds the compiled transforms) by Winograd's F(4x4, 3x3) (2.25 instead of 9
+            multiplications per output), stride-2 layers of at least 128 channels onto maps of at most
             4x4 by one GEMM. Same parameters and state dict; results equal direct convolution up to float32
             rounding. A ResNet-18 step at 32 px ran 1.4x faster on our test machine, for about 28% more
             saved activations. Applied when the model is set up on a CPU; float32 only (autocast and GPUs

@@ -322,24 +322,32 @@ def _swap(conv: nn.Conv2d, cls: type[nn.Conv2d]) -> nn.Conv2d:
     return new
 
 
-def use_cpu_convolutions(module: nn.Module, min_channels: int = 128) -> int:
+def use_cpu_convolutions(module: nn.Module, min_channels: int | None = None) -> int:
     """Swap, in place, every plain 3x3 ``nn.Conv2d`` (padding 1, no groups or dilation) in ``module`` with at
     least ``min_channels`` input and output channels: stride 1 for a :class:`WinogradConv2d`, stride 2 for a
     :class:`GemmConv2d`. Returns how many were swapped.
 
-    ``min_channels=128`` follows the benchmark host (``benchmarks/cpu_conv.py``, forward + backward of 512
-    images, ms, direct against Winograd): 64 channels at 32x32 369 against 393, 128 at 16x16 350 against 234,
-    256 at 8x8 339 against 171, 512 at 4x4 473 against 145.
+    The default follows the benchmark host (``benchmarks/cpu_conv.py``, forward + backward, ms, direct against
+    Winograd): stride 1 from 64 channels where the compiled transforms are available (64 channels at 32x32, 512
+    images: 369 against 267; at 16x16, 1024 images: 174 against 136), from 128 where they are not (with torch's
+    transforms, 64 channels at 32x32 ran 369 against 393; 128 at 16x16 350 against 234, 256 at 8x8 339 against
+    171, 512 at 4x4 473 against 145); stride 2 from 128 channels. An explicit ``min_channels`` applies to both.
     """
+    if min_channels is None:
+        return _swap_convolutions(module, 64 if kernels() is not None else 128, 128)
+    return _swap_convolutions(module, min_channels, min_channels)
+
+
+def _swap_convolutions(module: nn.Module, winograd_channels: int, gemm_channels: int) -> int:
     swapped = 0
     for name, child in list(module.named_children()):
-        wide = isinstance(child, nn.Conv2d) and min(child.in_channels, child.out_channels) >= min_channels
-        if wide and _plain_3x3(child, 1):
+        channels = min(child.in_channels, child.out_channels) if isinstance(child, nn.Conv2d) else 0
+        if channels >= winograd_channels and _plain_3x3(child, 1):
             setattr(module, name, _swap(child, WinogradConv2d))
             swapped += 1
-        elif wide and _plain_3x3(child, 2):
+        elif channels >= gemm_channels and _plain_3x3(child, 2):
             setattr(module, name, _swap(child, GemmConv2d))
             swapped += 1
         else:
-            swapped += use_cpu_convolutions(child, min_channels)
+            swapped += _swap_convolutions(child, winograd_channels, gemm_channels)
     return swapped

@@ -10,6 +10,7 @@ from torch import nn
 
 from selfsup.models.encoder import Encoder
 from selfsup.models.cpu_conv import GemmConv2d, WinogradConv2d, use_cpu_convolutions, winograd_conv3x3
+from selfsup.models.cpu_kernels import kernels
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,7 +68,11 @@ def _paths(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
 
 # every selfsup convolution in a ResNet-18 with the CIFAR stem at 32 px: 9 Winograd layers, layer4's stride-2
 # layer onto 4x4 as one GEMM, and layer3's onto 8x8 left to torch
-RESNET18_32PX = {"_WinogradConv3x3Backward": 9, "_GemmConv3x3Backward": 1, "ConvolutionBackward0": 1}
+# With the compiled transforms, Winograd from 64 channels (layer 1 too), else from 128
+COMPILED = kernels() is not None
+RESNET18_SWAPPED = 15 if COMPILED else 11
+RESNET18_32PX = {"_WinogradConv3x3Backward": 13 if COMPILED else 9, "_GemmConv3x3Backward": 1,
+                 "ConvolutionBackward0": 1}
 
 
 # (N, C, K, H, W): tiles that divide the map, ones that don't (7x5, 9x12), and maps smaller than a tile
@@ -135,13 +140,15 @@ def test_use_cpu_convolutions_swaps_3x3_layers_and_keeps_parameters():
     encoder.eval()
     direct = encoder(x)
 
-    assert use_cpu_convolutions(encoder) == 11
+    assert use_cpu_convolutions(encoder) == RESNET18_SWAPPED
     winograd = sorted(n for n, m in encoder.named_modules() if isinstance(m, WinogradConv2d))
-    assert winograd == sorted(f"model.layer{i}.{b}.conv{j}" for i in (2, 3, 4) for b, j in ((0, 2), (1, 1), (1, 2)))
+    layer1 = [f"model.layer1.{b}.conv{j}" for b in (0, 1) for j in (1, 2)] if COMPILED else []
+    assert winograd == sorted(layer1 + [f"model.layer{i}.{b}.conv{j}" for i in (2, 3, 4)
+                                        for b, j in ((0, 2), (1, 1), (1, 2))])
     gemm = sorted(n for n, m in encoder.named_modules() if isinstance(m, GemmConv2d))
     assert gemm == [f"model.layer{i}.0.conv1" for i in (3, 4)]
-    # the stem, the 64-channel layer1 and layer2's first (64 -> 128) and 1x1 downsampling convolutions stay torch's
-    assert all(type(m) is nn.Conv2d for m in (encoder.model.layer1[0].conv1, encoder.model.layer2[0].conv1,
+    # the stem, layer2's first (64 -> 128, stride 2) and the 1x1 downsampling convolutions stay torch's
+    assert all(type(m) is nn.Conv2d for m in (encoder.model.conv1, encoder.model.layer2[0].conv1,
                                               encoder.model.layer2[0].downsample[0]))
     # same parameter objects (an optimizer built before keeps working), and a state dict that loads both ways
     assert all(p is params[name] for name, p in encoder.named_parameters())
@@ -205,7 +212,7 @@ def test_training_steps_match_direct_convolution_up_to_rounding():
                        channels_last=channels_last)
         start = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
         if cpu_conv:
-            assert use_cpu_convolutions(model.encoder) == 11
+            assert use_cpu_convolutions(model.encoder) == RESNET18_SWAPPED
             assert _paths(model.encoder, torch.randn(2, 3, 32, 32)) == RESNET18_32PX
         optimizer = create_optimizer(model, "sgd", lr=0.05, weight_decay=0.0, momentum=0.9)
         for batch in batches:
@@ -231,7 +238,7 @@ def test_cpu_fit_uses_cpu_convolutions_unless_turned_off(tmp_path, cpu_conv):
     method, _ = tiny_fit("simclr", tmp_path, 1, model_overrides={"cpu_conv": cpu_conv,
                                                                  "encoder": Encoder("resnet18", cifar_stem=True)})
     swapped = [m for m in method.encoder.modules() if isinstance(m, (WinogradConv2d, GemmConv2d))]
-    assert len(swapped) == (11 if cpu_conv else 0)
+    assert len(swapped) == (RESNET18_SWAPPED if cpu_conv else 0)
     assert _paths(method.encoder, torch.randn(2, 3, 32, 32)) == (RESNET18_32PX if cpu_conv else {})
 
 

@@ -19,12 +19,6 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
 FUSED = "_BatchNormActBackward"  # the autograd node of the fused kernels
 
 
-@pytest.fixture(autouse=True)
-def _kernel_cache(tmp_path_factory, monkeypatch):
-    """Build the kernels once per session, in a temporary cache (never the user's home)."""
-    monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path_factory.getbasetemp() / "selfsup-cache"))
-
-
 def _channels_last(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
     return (torch.randn(*shape) * scale + shift).to(memory_format=torch.channels_last)
 

@@ -42,6 +42,18 @@ def apply_malloc(args: argparse.Namespace) -> None:
         print("--malloc keep: the C library is not glibc; measuring with its defaults", flush=True)
 
 
+def layer_arguments(description: str) -> argparse.Namespace:
+    """Parse the options of a one-layer benchmark (``--repeats``, ``--threads``, ``--malloc``) and apply them."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    add_malloc_argument(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    apply_malloc(args)
+    return args
+
+
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every ResNet training-step benchmark takes: batch, steps, micro-batch, threads, workers,
     and the allocator setting."""

@@ -10,7 +10,6 @@ small maps as one GEMM; this times each ResNet-18 layer shape of the issues' ref
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_malloc_argument, apply_malloc, best_ms, record  # noqa: E402
+from common import best_ms, layer_arguments, record  # noqa: E402
 
 from selfsup.models.cpu_conv import use_cpu_convolutions  # noqa: E402
 
@@ -30,13 +29,7 @@ SHAPES = [(512, 64, 64, 32, 1), (512, 128, 128, 16, 1), (512, 256, 256, 8, 1), (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    add_malloc_argument(parser)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    apply_malloc(args)
+    args = layer_arguments(__doc__)
     torch.manual_seed(0)
     for n, c, k, size, stride in SHAPES:
         direct = nn.Conv2d(c, k, 3, stride=stride, padding=1, bias=False)

@@ -12,7 +12,6 @@ first convolution of a block), BatchNorm + add + ReLU (end of a block), BatchNor
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_malloc_argument, apply_malloc, best_ms, record  # noqa: E402
+from common import best_ms, layer_arguments, record  # noqa: E402
 
 from selfsup.models.cpu_norm import FusedBatchNorm2d, kernels  # noqa: E402
 
@@ -31,13 +30,7 @@ FORMS = {"bn+relu": (True, False), "bn+add+relu": (True, True), "bn": (False, Fa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    add_malloc_argument(parser)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    apply_malloc(args)
+    args = layer_arguments(__doc__)
     if kernels() is None:
         sys.exit("the fused kernels could not be built (see the warning above)")
     torch.manual_seed(0)

@@ -60,6 +60,29 @@ static void tile_of(i64 t, i64 th, i64 tw, i64 *b, i64 *ti, i64 *tj)
     *tj = t % tw;
 }
 
+/* dst[i][j][0..cb) (i, j < size; CB floats apart) = channels c0.. of x (n, h, w, c) at image b, row row0 + i,
+ * column col0 + j; zeros outside the image. */
+static void load_patch(float *dst, int size, const float *x, i64 b, i64 h, i64 w, i64 c, i64 row0, i64 col0,
+                       i64 c0, int cb)
+{
+    for (int i = 0; i < size; i++)
+        for (int j = 0; j < size; j++) {
+            float *out = dst + (i * size + j) * CB;
+            i64 row = row0 + i, col = col0 + j;
+            if (row >= 0 && row < h && col >= 0 && col < w)
+                memcpy(out, x + ((b * h + row) * w + col) * c + c0, cb * sizeof(float));
+            else
+                memset(out, 0, cb * sizeof(float));
+        }
+}
+
+/* Column q of a transformed tile: r[p][0..cb) into plane (p, q) of out (planes `plane` floats apart). */
+static void store_column(float *out, i64 plane, i64 t, i64 c, i64 c0, int q, float r[6][CB], int cb)
+{
+    for (int p = 0; p < 6; p++)
+        memcpy(out + (p * 6 + q) * plane + t * c + c0, r[p], cb * sizeof(float));
+}
+
 /* V = B^T d B for every 6 x 6 input tile d of x (n, h, w, c). */
 void winograd4_input(const float *x, i64 n, i64 h, i64 w, i64 c, float *v, int nt)
 {
@@ -71,14 +94,7 @@ void winograd4_input(const float *x, i64 n, i64 h, i64 w, i64 c, float *v, int n
         tile_of(t, th, tw, &b, &ti, &tj);
         for (i64 c0 = 0; c0 < c; c0 += CB) {
             int cb = c - c0 < CB ? (int)(c - c0) : CB;
-            for (int i = 0; i < 6; i++)
-                for (int j = 0; j < 6; j++) {
-                    i64 row = ti * 4 + i - 1, col = tj * 4 + j - 1;
-                    if (row >= 0 && row < h && col >= 0 && col < w)
-                        memcpy(d[i][j], x + ((b * h + row) * w + col) * c + c0, cb * sizeof(float));
-                    else
-                        memset(d[i][j], 0, cb * sizeof(float));
-                }
+            load_patch(&d[0][0][0], 6, x, b, h, w, c, ti * 4 - 1, tj * 4 - 1, c0, cb);
             for (int i = 0; i < 6; i++) { /* along columns: u[i][q] = sum_j B^T[q][j] d[i][j] */
                 float *ui = &u[i][0][0];
                 const float *di = &d[i][0][0];
@@ -88,8 +104,7 @@ void winograd4_input(const float *x, i64 n, i64 h, i64 w, i64 c, float *v, int n
                 float *rr = &r[0][0];
                 const float *uq = &u[0][q][0];
                 BT_APPLY(rr, CB, uq, 6 * CB, cb);
-                for (int p = 0; p < 6; p++)
-                    memcpy(v + (p * 6 + q) * plane + t * c + c0, r[p], cb * sizeof(float));
+                store_column(v, plane, t, c, c0, q, r, cb);
             }
         }
     }
@@ -143,14 +158,7 @@ void winograd4_output_adjoint(const float *g, i64 n, i64 h, i64 w, i64 k, float 
         tile_of(t, th, tw, &b, &ti, &tj);
         for (i64 c0 = 0; c0 < k; c0 += CB) {
             int cb = k - c0 < CB ? (int)(k - c0) : CB;
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) {
-                    i64 row = ti * 4 + i, col = tj * 4 + j;
-                    if (row < h && col < w)
-                        memcpy(gg[i][j], g + ((b * h + row) * w + col) * k + c0, cb * sizeof(float));
-                    else
-                        memset(gg[i][j], 0, cb * sizeof(float));
-                }
+            load_patch(&gg[0][0][0], 4, g, b, h, w, k, ti * 4, tj * 4, c0, cb);
             for (int i = 0; i < 4; i++) { /* along columns: u[i][q] = sum_j A^T[j][q] g[i][j] */
                 float *ui = &u[i][0][0];
                 const float *gi = &gg[i][0][0];
@@ -160,8 +168,7 @@ void winograd4_output_adjoint(const float *g, i64 n, i64 h, i64 w, i64 k, float 
                 float *rr = &r[0][0];
                 const float *uq = &u[0][q][0];
                 A_APPLY(rr, CB, uq, 6 * CB, cb);
-                for (int p = 0; p < 6; p++)
-                    memcpy(out + (p * 6 + q) * plane + t * k + c0, r[p], cb * sizeof(float));
+                store_column(out, plane, t, k, c0, q, r, cb);
             }
         }
     }

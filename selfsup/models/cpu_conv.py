@@ -120,7 +120,7 @@ def _output_transform(m: torch.Tensor, tile: int, n: int, h: int, w: int, channe
     k = m.shape[-1]
     th, tw = _tiles(h, w, tile)
     if _compiled(m, tile):
-        y = torch.empty(n, k, h, w, dtype=m.dtype, memory_format=torch.channels_last)
+        y = torch.empty(n, k, h, w, dtype=m.dtype, device=m.device, memory_format=torch.channels_last)
         kernels().winograd4_output(ptr(m), n, h, w, k, ptr(y), torch.get_num_threads())
         return _in_format(y, channels_last)
     aa = _matrices(tile, m.dtype)[2]

@@ -5,8 +5,10 @@ Two small C files hold the memory-bound work of a CPU training step that torch r
 F(4x4, 3x3) input and output transforms, :mod:`selfsup.models.cpu_conv`). They are compiled together with the
 system C compiler (``$CC``, else ``cc`` or ``gcc``) and OpenMP, with ``-march=native`` for the CPU they run on,
 about a second; the library is cached under ``$SELFSUP_CACHE`` (default ``~/.cache/selfsup``), keyed by the
-sources, the compiler, the flags and the CPU, so a home directory shared by different machines is safe. It
-runs on torch's own OpenMP threads (torch has already loaded ``libgomp``) and takes ``torch.get_num_threads()``.
+sources, the compiler, the flags and the CPU, so a home directory shared by different machines is safe. The
+library links ``libgomp.so.1``; where torch ships its OpenMP runtime under that name (Linux x86-64 wheels), the
+kernels run on torch's own threads, and they take ``torch.get_num_threads()``. Builds whose runtime is renamed
+or Intel's (some aarch64 wheels, conda) load the system libgomp beside it: correct, with a second thread pool.
 
 Where no compiler is found or the build fails, :func:`kernels` warns once and returns ``None``, and callers use
 torch's operators, with the same results.
@@ -18,6 +20,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -32,10 +35,10 @@ _library: ctypes.CDLL | None | bool = False  # False: not tried yet; None: tried
 
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {  # name: (argument types, return type)
-    "bn_stats": ([_P, _I64, _I64, _P, _P, _I32], _I32),
+    "bn_stats": ([_P, _P, _I64, _I64, _P, _P, _I32], _I32),
     "bn_forward": ([_P, _P, _P, _P, _P, _I64, _I64, _I32, _I32], None),
-    "bn_backward_reduce": ([_P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _P, _P, _I32], _I32),
-    "bn_backward_input": ([_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32], None),
+    "bn_backward_reduce": ([_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _P, _P, _I32], _I32),
+    "bn_backward_input": ([_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32], None),
     "winograd4_input": ([_P, _I64, _I64, _I64, _I64, _P, _I32], None),
     "winograd4_output": ([_P, _I64, _I64, _I64, _I64, _P, _I32], None),
     "winograd4_output_adjoint": ([_P, _I64, _I64, _I64, _I64, _P, _I32], None),
@@ -56,28 +59,42 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _compile() -> Path:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "")
+    if not compiler:
         raise RuntimeError("no C compiler found (install gcc, or set CC)")
-    parts = [source.read_bytes() for source in _SOURCES] + [compiler.encode(), " ".join(_FLAGS).encode(),
+    parts = [source.read_bytes() for source in _SOURCES] + [" ".join(compiler).encode(), " ".join(_FLAGS).encode(),
                                                              _cpu_signature().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     target = _cache_dir() / f"selfsup-{key}.so"
-    if target.exists():
+    checksum = target.with_suffix(".sha256")
+    # a library is used only with the checksum written after it: a truncated or foreign file is rebuilt,
+    # never loaded (a truncated shared library crashes the process that maps it)
+    if target.exists() and checksum.exists() and checksum.read_text().strip() == _digest(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".selfsup-", suffix=".so", dir=target.parent)
     os.close(fd)
+    fd, tmp_sum = tempfile.mkstemp(prefix=".selfsup-", suffix=".sha256", dir=target.parent)
+    os.close(fd)
     try:
-        done = subprocess.run([compiler, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm"], capture_output=True,
+        done = subprocess.run([*compiler, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm"], capture_output=True,
                               text=True, timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: processes building at once each install a complete library
+            raise RuntimeError(f"{' '.join(compiler)} failed: {done.stderr.strip()[-2000:]}")
+        if not Path(tmp).read_bytes()[:4] == b"\x7fELF":
+            raise RuntimeError(f"{' '.join(compiler)} wrote no shared library")
+        Path(tmp_sum).write_text(_digest(Path(tmp)))
+        os.replace(tmp, target)  # atomic: processes building at once each install a whole file
+        os.replace(tmp_sum, checksum)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for leftover in (tmp, tmp_sum):
+            if os.path.exists(leftover):
+                os.remove(leftover)
     return target
 
 

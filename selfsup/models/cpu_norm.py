@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from selfsup.models.cpu_kernels import kernels
 from selfsup.models.cpu_kernels import ptr as _ptr
@@ -43,9 +44,11 @@ class _BatchNormAct(torch.autograd.Function):
         c = x.shape[1]
         m = x.numel() // c
         total, squares = x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64)
-        _check(lib.bn_stats(_ptr(x), m, c, _ptr(total), _ptr(squares), threads))
-        mean = total / m
-        var = (squares / m - mean * mean).clamp_(min=0)
+        pivot = x[0, :, 0, 0].contiguous()  # a sample of each channel: sums of x - pivot do not cancel
+        _check(lib.bn_stats(_ptr(x), _ptr(pivot), m, c, _ptr(total), _ptr(squares), threads))
+        shifted_mean = total / m
+        mean = pivot.double() + shifted_mean
+        var = (squares / m - shifted_mean * shifted_mean).clamp_(min=0)
         invstd = (var + eps).rsqrt()
         gamma = weight.double() if weight is not None else torch.ones_like(mean)
         scale = gamma * invstd
@@ -61,12 +64,17 @@ class _BatchNormAct(torch.autograd.Function):
         # the ReLU's mask is recomputed from x, unless a residual was added: then it is read from y
         ctx.save_for_backward(x, y if residual is not None and relu else None, gamma, scale, shift)
         ctx.mean, ctx.invstd, ctx.relu, ctx.has_residual = mean, invstd, relu, residual is not None
+        ctx.center = mean.float()
         ctx.affine = weight is not None, bias is not None
         return y
 
     @staticmethod
+    @once_differentiable  # no graph through the kernels: double backward raises instead of dropping terms
     def backward(ctx, grad: Tensor):
-        x, y, gamma, scale, shift = ctx.saved_tensors
+        # the kernels read raw channels-last float32 memory; a saved-tensor hook may have changed the layout
+        x, y, gamma, scale, shift = (t if t is None or t.dim() != 4 else t.contiguous(memory_format=torch.channels_last)
+                                     for t in ctx.saved_tensors)
+        center = ctx.center
         lib, threads = kernels(), torch.get_num_threads()
         dy = grad.contiguous(memory_format=torch.channels_last)
         c = x.shape[1]
@@ -74,25 +82,25 @@ class _BatchNormAct(torch.autograd.Function):
         sum_g, sum_gx = x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64)
         residual_grad = ctx.has_residual and ctx.needs_input_grad[1]
         grad_residual = torch.empty_like(x) if residual_grad and ctx.relu else None  # the masked dy
-        _check(lib.bn_backward_reduce(_ptr(dy), _ptr(x), _ptr(y), _ptr(scale), _ptr(shift), _ptr(grad_residual),
-                                      m, c, int(ctx.relu), _ptr(sum_g), _ptr(sum_gx), threads))
+        _check(lib.bn_backward_reduce(_ptr(dy), _ptr(x), _ptr(y), _ptr(scale), _ptr(shift), _ptr(center),
+                                      _ptr(grad_residual), m, c, int(ctx.relu), _ptr(sum_g), _ptr(sum_gx), threads))
         if residual_grad and not ctx.relu:
             grad_residual = dy
-        sum_gxhat = (sum_gx - ctx.mean * sum_g) * ctx.invstd  # sum of g * (x - mean) / std
+        sum_gxhat = sum_gx * ctx.invstd  # sum of g * (x - mean) / std
         grad_x = None
         if ctx.needs_input_grad[0]:
-            # dx = gamma / std * (g - mean(g) - xhat * mean(g * xhat)) = a * g + b * x + k
+            # dx = gamma / std * (g - mean(g) - xhat * mean(g * xhat)) = a * g + b * (x - mean) + k
             a = gamma * ctx.invstd
             b = -a * ctx.invstd * sum_gxhat / m
-            k = -a * sum_g / m - b * ctx.mean
+            k = -a * sum_g / m
             a, b, k = a.float(), b.float(), k.float()  # held: the kernel reads them through raw pointers
             grad_x = torch.empty_like(x)
             if grad_residual is not None:  # it holds the masked gradient: read it instead of dy and y
                 lib.bn_backward_input(_ptr(grad_residual), _ptr(x), None, _ptr(scale), _ptr(shift), _ptr(a), _ptr(b),
-                                      _ptr(k), _ptr(grad_x), m, c, 0, threads)
+                                      _ptr(k), _ptr(center), _ptr(grad_x), m, c, 0, threads)
             else:
                 lib.bn_backward_input(_ptr(dy), _ptr(x), _ptr(y), _ptr(scale), _ptr(shift), _ptr(a), _ptr(b),
-                                      _ptr(k), _ptr(grad_x), m, c, int(ctx.relu), threads)
+                                      _ptr(k), _ptr(center), _ptr(grad_x), m, c, int(ctx.relu), threads)
         grad_weight = sum_gxhat.float() if ctx.affine[0] and ctx.needs_input_grad[2] else None
         grad_bias = sum_g.float() if ctx.affine[1] and ctx.needs_input_grad[3] else None
         return grad_x, grad_residual, grad_weight, grad_bias, None, None, None, None, None
@@ -109,14 +117,18 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
 
     relu: bool = False
 
-    def __init__(self, num_features: int, relu: bool = False, **kwargs):
-        super().__init__(num_features, **kwargs)
+    def __init__(self, num_features: int, *args, relu: bool = False, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
         self.relu = relu
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", relu=True" if self.relu else "")
 
     def _fused(self, x: Tensor, residual: Tensor | None) -> bool:
         return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.shape[1] > 0
                 and x.numel() > x.shape[1] and x.is_contiguous(memory_format=torch.channels_last)
-                and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
+                and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
+                                          and residual.device == x.device))
                 and (self.weight is None or self.weight.dtype == torch.float32)
                 and not torch.is_autocast_enabled("cpu") and kernels() is not None)
 

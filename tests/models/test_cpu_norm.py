@@ -69,6 +69,51 @@ def test_output_and_gradients_equal_float64_definition(relu, residual, affine, s
         assert _relative_error(got, want) < 1e-4
 
 
+@pytest.mark.parametrize("mean", [100.0, 1000.0])
+def test_channels_with_a_large_mean_keep_their_precision(mean):
+    """A nearly constant channel (mean >> spread, common in trained ResNets): output and gradients as close to
+    float64 as torch's own float32 BatchNorm (a one-pass E[x^2] - E[x]^2 would lose the variance)."""
+    x = _channels_last(32, 4, 6, 6, scale=1.0, shift=mean).requires_grad_()
+    grad = _channels_last(32, 4, 6, 6)
+    results = []
+    for bn in (FusedBatchNorm2d(4, relu=True), nn.BatchNorm2d(4)):
+        y = bn(x) if isinstance(bn, FusedBatchNorm2d) else F.relu(bn(x))
+        results.append((y, *torch.autograd.grad(y, [x, bn.weight], grad)))
+    assert results[0][0].grad_fn.name() == FUSED
+    xd = x.detach().double().requires_grad_()
+    weight = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    exact = _reference(xd, None, weight, torch.zeros(4, dtype=torch.float64), 1e-5, True)
+    exact = (exact, *torch.autograd.grad(exact, [xd, weight], grad.double()))
+    for ours, theirs, want in zip(*results, exact):
+        assert _relative_error(ours, want) <= 2 * _relative_error(theirs, want) + 1e-6
+
+
+def test_double_backward_raises_instead_of_dropping_terms():
+    """A gradient penalty through the kernels would silently miss the BatchNorm's second-order terms (the other
+    path, here the identity, keeps the graph alive): it must raise."""
+    x = _channels_last(4, 3, 5, 5).requires_grad_()
+    y = FusedBatchNorm2d(3, relu=True)(x) + x * x
+    (grad,) = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.pow(2).sum().backward()
+
+
+def test_saved_tensor_hooks_that_change_the_layout():
+    """A saved-tensor hook (as save_on_cpu) may hand the tensors back NCHW: the backward must not read them as
+    channels-last memory."""
+    x = _channels_last(6, 5, 4, 3, shift=1.0).requires_grad_()
+    r = _channels_last(6, 5, 4, 3).requires_grad_()
+    grad = _channels_last(6, 5, 4, 3)
+    bn = FusedBatchNorm2d(5, relu=True)
+    plain = bn(x, r)
+    expected = torch.autograd.grad(plain, [x, r, bn.weight], grad)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.contiguous()):
+        hooked = bn(x, r)
+    assert hooked.grad_fn.name() == FUSED
+    for ours, theirs in zip(torch.autograd.grad(hooked, [x, r, bn.weight], grad), expected):
+        torch.testing.assert_close(ours, theirs)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_running_statistics_follow_batchnorm2d(momentum):
     """Running mean, unbiased running variance and the batch counter after three steps, as nn.BatchNorm2d
@@ -252,6 +297,28 @@ def test_without_a_compiler_warns_once_and_runs_torch(monkeypatch, tmp_path):
         bn(x)  # no second warning
     assert y.grad_fn.name() != FUSED
     torch.testing.assert_close(y, F.relu(F.batch_norm(x, None, None, bn.weight, bn.bias, True)))
+
+
+def test_a_truncated_cached_library_is_rebuilt_not_loaded(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_library", False)
+    monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path))
+    assert cpu_kernels.kernels() is not None
+    (built,) = (tmp_path / "kernels").glob("selfsup-*.so")
+    whole = built.read_bytes()
+    built.unlink()  # a new file: this process keeps the library it mapped
+    built.write_bytes(whole[:20000])  # loading this would crash the process
+    monkeypatch.setattr(cpu_kernels, "_library", False)
+    assert cpu_kernels.kernels() is not None
+    assert built.read_bytes() == whole
+
+
+def test_a_compiler_that_writes_nothing_installs_nothing(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_library", False)
+    monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("true"))
+    with pytest.warns(RuntimeWarning, match="wrote no shared library"):
+        assert cpu_kernels.kernels() is None
+    assert list((tmp_path / "kernels").iterdir()) == []
 
 
 def test_kernels_are_cached_per_source_and_cpu(monkeypatch, tmp_path):

@@ -8,7 +8,7 @@
  *
  *   y  = relu(x * scale + shift [+ residual])              scale = weight / std, shift = bias - mean * scale
  *   g  = dy where y > 0 (where not(v <= 0): NaN propagates as in torch), else 0
- *   dx = a * g + b * x + k                                 a, b, k per channel, from sum(g) and sum(g * x)
+ *   dx = a * g + b * (x - mean) + k                        a, b, k per channel, from sum(g), sum(g * (x - mean))
  *
  * Per-channel sums are accumulated in double, one partial per thread, added in thread order: the result
  * depends on the thread count, not on timing.
@@ -73,8 +73,10 @@ static int sums_finish(sums *s, int ok, int nt, i64 c, double *a, double *b)
     return ok ? 0 : -1;
 }
 
-/* sum[c] = sum over rows of x, sq[c] = sum of x^2. Returns 0, or -1 if out of memory. */
-int bn_stats(const float *x, i64 m, i64 c, double *sum, double *sq, int nt)
+/* sum[c] = sum over rows of x - pivot, sq[c] = sum of (x - pivot)^2. With a pivot near the mean (a row of x),
+ * E[d^2] - E[d]^2 does not cancel when a channel's mean is large against its spread. Returns 0, or -1 if out
+ * of memory. */
+int bn_stats(const float *x, const float *pivot, i64 m, i64 c, double *sum, double *sq, int nt)
 {
     sums acc;
     int ok = sums_alloc(&acc, nt, c);
@@ -91,7 +93,7 @@ int bn_stats(const float *x, i64 m, i64 c, double *sum, double *sq, int nt)
                 for (i64 i = block; i < stop; i++) {
                     const float *restrict row = x + i * c;
                     for (i64 j = 0; j < c; j++) {
-                        float v = row[j];
+                        float v = row[j] - pivot[j];
                         fs[j] += v;
                         fq[j] += v * v;
                     }
@@ -144,7 +146,8 @@ enum { NO_RELU = 0, MASK_FROM_X = 1, MASK_FROM_Y = 2 };
 
 static inline __attribute__((always_inline)) void reduce_rows(
     const float *restrict dy, const float *restrict x, const float *restrict y, const float *restrict scale,
-    const float *restrict shift, float *restrict dres, i64 begin, i64 end, i64 c, const int mode,
+    const float *restrict shift, const float *restrict center, float *restrict dres, i64 begin, i64 end, i64 c,
+    const int mode,
     float *restrict fs, float *restrict fp, double *s, double *p)
 {
     for (i64 block = begin; block < end; block += BLOCK) {
@@ -157,17 +160,17 @@ static inline __attribute__((always_inline)) void reduce_rows(
                 if (dres)
                     gr[j] = g;
                 fs[j] += g;
-                fp[j] += g * xr[j];
+                fp[j] += g * (xr[j] - center[j]);
             }
         }
         flush(fs, fp, s, p, c);
     }
 }
 
-/* sum_g[c] = sum of g, sum_gx[c] = sum of g * x, and dres = g if dres is not NULL (then y is given).
+/* sum_g[c] = sum of g, sum_gx[c] = sum of g * (x - center), and dres = g if dres is not NULL (then y is given).
  * Returns 0, or -1 if out of memory. */
 int bn_backward_reduce(const float *dy, const float *x, const float *y, const float *scale, const float *shift,
-                       float *dres, i64 m, i64 c, int relu, double *sum_g, double *sum_gx, int nt)
+                       const float *center, float *dres, i64 m, i64 c, int relu, double *sum_g, double *sum_gx, int nt)
 {
     sums acc;
     int ok = sums_alloc(&acc, nt, c);
@@ -181,13 +184,13 @@ int bn_backward_reduce(const float *dy, const float *x, const float *y, const fl
             double *s = acc.partials + (i64)t * 2 * c, *p = s + c;
             float *fs = acc.scratch + (i64)t * 2 * c, *fp = fs + c;
             if (mode == NO_RELU)
-                reduce_rows(dy, x, NULL, scale, shift, NULL, begin, end, c, NO_RELU, fs, fp, s, p);
+                reduce_rows(dy, x, NULL, scale, shift, center, NULL, begin, end, c, NO_RELU, fs, fp, s, p);
             else if (mode == MASK_FROM_X)
-                reduce_rows(dy, x, NULL, scale, shift, NULL, begin, end, c, MASK_FROM_X, fs, fp, s, p);
+                reduce_rows(dy, x, NULL, scale, shift, center, NULL, begin, end, c, MASK_FROM_X, fs, fp, s, p);
             else if (dres)
-                reduce_rows(dy, x, y, scale, shift, dres, begin, end, c, MASK_FROM_Y, fs, fp, s, p);
+                reduce_rows(dy, x, y, scale, shift, center, dres, begin, end, c, MASK_FROM_Y, fs, fp, s, p);
             else
-                reduce_rows(dy, x, y, scale, shift, NULL, begin, end, c, MASK_FROM_Y, fs, fp, s, p);
+                reduce_rows(dy, x, y, scale, shift, center, NULL, begin, end, c, MASK_FROM_Y, fs, fp, s, p);
         }
     }
     return sums_finish(&acc, ok, nt, c, sum_g, sum_gx);
@@ -195,21 +198,22 @@ int bn_backward_reduce(const float *dy, const float *x, const float *y, const fl
 
 static inline __attribute__((always_inline)) void input_rows(
     const float *dy, const float *x, const float *y, const float *scale, const float *shift, const float *a,
-    const float *b, const float *k, float *dx, i64 begin, i64 end, i64 c, const int mode)
+    const float *b, const float *k, const float *center, float *dx, i64 begin, i64 end, i64 c, const int mode)
 {
     for (i64 i = begin; i < end; i++) {
         const float *dr = dy + i * c, *xr = x + i * c, *yr = y + (y ? i * c : 0);
         float *out = dx + i * c;
         for (i64 j = 0; j < c; j++) {
             float g = MASKED(mode, dr[j], xr[j], yr[j], scale[j], shift[j]);
-            out[j] = fmaf(a[j], g, fmaf(b[j], xr[j], k[j]));
+            out[j] = fmaf(a[j], g, fmaf(b[j], xr[j] - center[j], k[j]));
         }
     }
 }
 
-/* dx = a * g + b * x + k, g the masked gradient (y given: the mask is read from it). */
+/* dx = a * g + b * (x - center) + k, g the masked gradient (y given: the mask is read from it). */
 void bn_backward_input(const float *dy, const float *x, const float *y, const float *scale, const float *shift,
-                       const float *a, const float *b, const float *k, float *dx, i64 m, i64 c, int relu, int nt)
+                       const float *a, const float *b, const float *k, const float *center, float *dx, i64 m, i64 c,
+                       int relu, int nt)
 {
     int mode = !relu ? NO_RELU : y ? MASK_FROM_Y : MASK_FROM_X;
 #pragma omp parallel num_threads(nt)
@@ -217,10 +221,10 @@ void bn_backward_input(const float *dy, const float *x, const float *y, const fl
         i64 begin, end;
         share(m, omp_get_thread_num(), omp_get_num_threads(), &begin, &end);
         if (mode == NO_RELU)
-            input_rows(dy, x, NULL, scale, shift, a, b, k, dx, begin, end, c, NO_RELU);
+            input_rows(dy, x, NULL, scale, shift, a, b, k, center, dx, begin, end, c, NO_RELU);
         else if (mode == MASK_FROM_X)
-            input_rows(dy, x, NULL, scale, shift, a, b, k, dx, begin, end, c, MASK_FROM_X);
+            input_rows(dy, x, NULL, scale, shift, a, b, k, center, dx, begin, end, c, MASK_FROM_X);
         else
-            input_rows(dy, x, y, scale, shift, a, b, k, dx, begin, end, c, MASK_FROM_Y);
+            input_rows(dy, x, y, scale, shift, a, b, k, center, dx, begin, end, c, MASK_FROM_Y);
     }
 }

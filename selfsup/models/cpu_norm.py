@@ -63,8 +63,7 @@ class _BatchNormAct(torch.autograd.Function):
             running_var.data.lerp_((var * (m / (m - 1))).to(running_var.dtype), momentum)
         # the ReLU's mask is recomputed from x, unless a residual was added: then it is read from y
         ctx.save_for_backward(x, y if residual is not None and relu else None, gamma, scale, shift)
-        ctx.mean, ctx.invstd, ctx.relu, ctx.has_residual = mean, invstd, relu, residual is not None
-        ctx.center = mean.float()
+        ctx.center, ctx.invstd, ctx.relu, ctx.has_residual = mean.float(), invstd, relu, residual is not None
         ctx.affine = weight is not None, bias is not None
         return y
 
@@ -74,7 +73,6 @@ class _BatchNormAct(torch.autograd.Function):
         # the kernels read raw channels-last float32 memory; a saved-tensor hook may have changed the layout
         x, y, gamma, scale, shift = (t if t is None or t.dim() != 4 else t.contiguous(memory_format=torch.channels_last)
                                      for t in ctx.saved_tensors)
-        center = ctx.center
         lib, threads = kernels(), torch.get_num_threads()
         dy = grad.contiguous(memory_format=torch.channels_last)
         c = x.shape[1]
@@ -82,7 +80,7 @@ class _BatchNormAct(torch.autograd.Function):
         sum_g, sum_gx = x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64)
         residual_grad = ctx.has_residual and ctx.needs_input_grad[1]
         grad_residual = torch.empty_like(x) if residual_grad and ctx.relu else None  # the masked dy
-        _check(lib.bn_backward_reduce(_ptr(dy), _ptr(x), _ptr(y), _ptr(scale), _ptr(shift), _ptr(center),
+        _check(lib.bn_backward_reduce(_ptr(dy), _ptr(x), _ptr(y), _ptr(scale), _ptr(shift), _ptr(ctx.center),
                                       _ptr(grad_residual), m, c, int(ctx.relu), _ptr(sum_g), _ptr(sum_gx), threads))
         if residual_grad and not ctx.relu:
             grad_residual = dy
@@ -97,10 +95,10 @@ class _BatchNormAct(torch.autograd.Function):
             grad_x = torch.empty_like(x)
             if grad_residual is not None:  # it holds the masked gradient: read it instead of dy and y
                 lib.bn_backward_input(_ptr(grad_residual), _ptr(x), None, _ptr(scale), _ptr(shift), _ptr(a), _ptr(b),
-                                      _ptr(k), _ptr(center), _ptr(grad_x), m, c, 0, threads)
+                                      _ptr(k), _ptr(ctx.center), _ptr(grad_x), m, c, 0, threads)
             else:
                 lib.bn_backward_input(_ptr(dy), _ptr(x), _ptr(y), _ptr(scale), _ptr(shift), _ptr(a), _ptr(b),
-                                      _ptr(k), _ptr(center), _ptr(grad_x), m, c, int(ctx.relu), threads)
+                                      _ptr(k), _ptr(ctx.center), _ptr(grad_x), m, c, int(ctx.relu), threads)
         grad_weight = sum_gxhat.float() if ctx.affine[0] and ctx.needs_input_grad[2] else None
         grad_bias = sum_g.float() if ctx.affine[1] and ctx.needs_input_grad[3] else None
         return grad_x, grad_residual, grad_weight, grad_bias, None, None, None, None, None

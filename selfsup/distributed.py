@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -61,3 +66,56 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     if is_distributed():
         dist.all_reduce(x)
     return x
+
+
+def gather_rows(x: Tensor) -> Tensor:
+    """Concatenate ``(N_r, ...)`` tensors of different lengths from every rank along dim 0 (no gradient).
+
+    Every rank must call it; ranks may hold different ``N_r`` (also 0). One all-gather of the shapes,
+    one of the rows padded to the longest. Outside a process group this is ``x``.
+    """
+    if not is_distributed():
+        return x
+    shape = torch.tensor([x.shape[0], *x.shape[1:]], device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(world_size())]
+    dist.all_gather(shapes, shape)
+    longest = int(max(s[0] for s in shapes))
+    tail = tuple(int(d) for d in torch.stack(shapes)[:, 1:].max(0).values) if x.ndim > 1 else ()
+    padded = x.new_zeros((longest, *tail))
+    if x.shape[0]:
+        padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[: int(s[0])] for part, s in zip(parts, shapes)])
+
+
+def on_rank_zero(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 only, its result broadcast to every rank (every rank must call this).
+
+    Work done once (scoring, writing files) without leaving the other ranks waiting in a different
+    collective: they wait here, in the one broadcast. An exception on rank 0 is re-raised on every rank,
+    so no rank hangs while another has failed.
+    """
+    if not is_distributed():
+        return fn()
+    box: list[Any] = [None]
+    failure: Exception | None = None
+    if rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            failure, box[0] = err, ("error", f"{type(err).__name__}: {err}")
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if failure is not None:
+        raise failure
+    if status == "error":
+        raise RuntimeError(f"rank 0 failed, so this rank stops too: {value}")
+    return value
+
+
+def broadcast_tensors(tensors: list[Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s values (every rank must call this)."""
+    if is_distributed():
+        for t in tensors:
+            dist.broadcast(t, src=src)

@@ -63,7 +63,8 @@ class FeatureCache:
         self.misses += 1
         features, labels = extract()
         self.root.mkdir(parents=True, exist_ok=True)
-        save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(tensors_path))
+        save_file({"features": features.cpu().contiguous(), "labels": labels.cpu().contiguous()},
+                  str(tensors_path))
         meta_path.write_text(json.dumps({"classes": list(classes), "shape": list(features.shape), **describe},
                                         indent=2, default=str))
         return features, labels

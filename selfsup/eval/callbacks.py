@@ -11,14 +11,14 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from selfsup.distributed import all_reduce_sum, world_size
-from selfsup.eval.features import extract_features, recalibrate_batchnorm
+from selfsup.distributed import all_reduce_sum, broadcast_tensors, on_rank_zero
+from selfsup.eval.features import extract_features, model_call, recalibrate_batchnorm
 from selfsup.eval.knn import topk_accuracy
 from selfsup.eval.protocols import EvalContext, FeatureSet, run_protocols
-from selfsup.eval.scorecard import CheckpointScorer  # noqa: F401  (re-exported for recipes)
+from selfsup.eval.scorecard import CheckpointScorer, probes_unavailable  # noqa: F401  (re-exported for recipes)
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,10 @@ class OnlineLinearProbe(L.Callback):
         self.lr, self.weight_decay, self.batch_norm = lr, weight_decay, batch_norm
         self.head: nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
-        self._val_scores: list[torch.Tensor] = []
-        self._val_labels: list[torch.Tensor] = []
+        self._val_counts = torch.zeros(2, dtype=torch.long)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.head is None:
+        if self.head is None and _probes_available(trainer, self):
             dim = pl_module.encoder.embed_dim
             linear = nn.Linear(dim, _num_classes(trainer))
             self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), linear) if self.batch_norm else linear
@@ -58,6 +57,8 @@ class OnlineLinearProbe(L.Callback):
                 self._restore(self._pending_state)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.head is None:
+            return
         self.head.to(pl_module.device)
         for state in self.optimizer.state.values():
             for k, v in state.items():
@@ -66,35 +67,54 @@ class OnlineLinearProbe(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        features = outputs.get("features") if isinstance(outputs, dict) else None
-        if features is None or (batch.labels < 0).all():
+        """One step of the head on the labelled images of this step, over all ranks.
+
+        Every rank takes part in the same all-reduce (gradient sums and the labelled-image count in one
+        tensor), also a rank whose batch has no labels or whose step was skipped, so the ranks never wait
+        in different collectives; the update is the mean over every labelled image of the global batch."""
+        if self.head is None:  # no labelled splits: the same on every rank
             return
-        known = batch.labels >= 0
+        features = outputs.get("features") if isinstance(outputs, dict) else None
+        labels = batch.labels.to(pl_module.device)
+        known = labels >= 0 if features is not None else torch.zeros_like(labels, dtype=torch.bool)
         self.head.train()
-        with torch.enable_grad(), torch.autocast(pl_module.device.type, enabled=False):
-            logits = self.head(features[known].float())
-            loss = F.cross_entropy(logits, batch.labels[known])
-            self.optimizer.zero_grad(set_to_none=False)
-            loss.backward()
-        for p in self.head.parameters():
-            all_reduce_sum(p.grad).div_(world_size())
+        self.optimizer.zero_grad(set_to_none=False)
+        logits = loss = None
+        if int(known.sum()):  # (a BatchNorm head cannot run on no images)
+            with torch.enable_grad(), torch.autocast(pl_module.device.type, enabled=False):
+                logits = self.head(features[known].float())
+                loss = F.cross_entropy(logits, labels[known], reduction="sum")
+                loss.backward()
+        params = list(self.head.parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten() for g in grads] + [known.sum().float().view(1)])
+        count = int(all_reduce_sum(flat)[-1])  # whether any rank had labelled images
+        if count == 0:
+            return
+        for p, g in zip(params, flat[:-1].div_(count).split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
         self.optimizer.step()
-        pl_module.log_dict({"probe/train_loss": loss.detach(),
-                            "probe/train_acc": topk_accuracy(logits.detach(), batch.labels[known])},
-                           batch_size=int(known.sum()))
+        if loss is not None:
+            pl_module.log_dict({"probe/train_loss": loss.detach() / len(logits),
+                                "probe/train_acc": topk_accuracy(logits.detach(), labels[known])},
+                               batch_size=int(known.sum()))
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.head is not None and len(batch):
             self.head.eval()
-            self._val_scores.append(self.head(outputs["features"].float()).detach())
-            self._val_labels.append(batch.labels)
+            logits = self.head(outputs["features"].float()).detach()
+            labels = batch.labels.to(logits.device)
+            self._val_counts += torch.stack([(logits.argmax(1) == labels).sum(), labels.new_tensor(len(labels))])
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_counts = torch.zeros(2, dtype=torch.long, device=pl_module.device)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._val_scores:
-            acc = topk_accuracy(torch.cat(self._val_scores), torch.cat(self._val_labels).to(pl_module.device))
-            pl_module.log("probe/val_acc", acc, prog_bar=True, sync_dist=True)
-        self._val_scores, self._val_labels = [], []
+        """Accuracy over every rank's validation images (one all-reduce that every rank runs)."""
+        correct, total = all_reduce_sum(self._val_counts).tolist()
+        if total:
+            pl_module.log("probe/val_acc", correct / total, prog_bar=True, rank_zero_only=False)
 
     def state_dict(self) -> dict[str, Any]:
         if self.head is None:
@@ -114,24 +134,41 @@ class OnlineLinearProbe(L.Callback):
 
 def frozen_scores(encoder: nn.Module, datamodule: Any, device: torch.device, bf16: bool = False,
                   protocols: tuple[str, ...] = ("knn", "linear"), knn_k: int = 20,
-                  knn_temperature: float = 0.07) -> dict[str, float]:
+                  knn_temperature: float = 0.07, forward: Any = None) -> dict[str, float]:
     """kNN and/or linear-probe top-1 of a frozen encoder on the data module's labelled splits.
 
-    The protocols are the registered ones of :mod:`selfsup.eval.protocols`, as in ``selfsup eval``."""
-    train_x, train_y = extract_features(encoder, datamodule.probe_dataloader("train"), device, bf16)
-    test_x, test_y = extract_features(encoder, datamodule.probe_dataloader("test"), device, bf16)
-    context = EvalContext(FeatureSet(train_x, train_y, test_x, test_y), encoder, device=device)
-    rows = run_protocols(protocols, context, {"knn": {"k": knn_k, "temperature": knn_temperature}}
-                         if "knn" in protocols else {})
-    return {f"{row['protocol']}_top1": row["value"] for row in rows if row["metric"] == "top1"}
+    The protocols are the registered ones of :mod:`selfsup.eval.protocols`, as in ``selfsup eval``. Under
+    DDP every rank calls this: features are extracted sharded over the ranks and gathered, rank 0 alone
+    runs the protocols, and every rank returns its scores."""
+    size = getattr(getattr(datamodule, "preprocessing", None), "image_size", None)
+    train = extract_features(encoder, datamodule.probe_dataloader("train"), device, bf16, True, forward, size)
+    test = extract_features(encoder, datamodule.probe_dataloader("test"), device, bf16, True, forward, size)
+    settings = {"knn": {"k": knn_k, "temperature": knn_temperature}} if "knn" in protocols else {}
+
+    def score() -> dict[str, float]:
+        context = EvalContext(FeatureSet(*train, *test), encoder, device=device)
+        rows = run_protocols(protocols, context, settings)
+        return {f"{row['protocol']}_top1": row["value"] for row in rows if row["metric"] == "top1"}
+
+    return on_rank_zero(score)
 
 
 def _uses_bf16(trainer: L.Trainer) -> bool:
     return "bf16" in str(trainer.precision)
 
 
+def _probes_available(trainer: L.Trainer, callback: L.Callback) -> bool:
+    """Whether the data module has labelled splits to probe on; else one line saying why (same on every rank)."""
+    if getattr(trainer.datamodule, "has_labels", False):
+        return True
+    rank_zero_info(f"[selfsup] {type(callback).__name__}: {probes_unavailable(trainer.datamodule)}")
+    return False
+
+
 class KNNMonitor(L.Callback):
-    """Weighted cosine kNN accuracy (k=20, T=0.07) of the frozen encoder, every ``every_n_epochs``."""
+    """Weighted cosine kNN accuracy (k=20, T=0.07) of the frozen encoder, every ``every_n_epochs``.
+
+    Under DDP the features are extracted sharded over the ranks and rank 0 alone runs the kNN."""
 
     def __init__(self, every_n_epochs: int = 1, k: int = 20, temperature: float = 0.07):
         if every_n_epochs < 1:
@@ -139,42 +176,53 @@ class KNNMonitor(L.Callback):
         self.every_n_epochs, self.k, self.temperature = every_n_epochs, k, temperature
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
+        if (trainer.current_epoch + 1) % self.every_n_epochs or not _probes_available(trainer, self):
             return
         scores = frozen_scores(pl_module.encoder, trainer.datamodule, pl_module.device, _uses_bf16(trainer),
-                               ("knn",), self.k, self.temperature)
-        pl_module.log("knn/top1", scores["knn_top1"], prog_bar=True)
+                               ("knn",), self.k, self.temperature, model_call(trainer, pl_module, "encoder"))
+        pl_module.log("knn/top1", scores["knn_top1"], prog_bar=True, rank_zero_only=False)
 
 
 class ProbeReport(L.Callback):
     """At the end of fit, score the trained encoder and the same architecture at random
-    initialisation with kNN and a linear probe; print a table and write ``probe_report.json``.
+    initialisation with kNN and a linear probe; print a table and write ``probe_report.json`` into the
+    run's log directory.
 
-    The random encoder's BatchNorm statistics are estimated on training images first, so the
-    baseline is a fair one (see :func:`selfsup.eval.features.recalibrate_batchnorm`)."""
+    The random encoder's BatchNorm statistics are estimated on training images first (on rank 0, then
+    broadcast), so the baseline is a fair one (see :func:`selfsup.eval.features.recalibrate_batchnorm`).
+    Under DDP every rank takes part in the feature extraction and rank 0 alone scores and writes."""
 
     def __init__(self, protocols: tuple[str, ...] = ("knn", "linear"), seed: int = 0):
         self.protocols, self.seed = tuple(protocols), seed
         self.results: dict[str, dict[str, float]] = {}
+        self.path: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.interrupted:
+        if trainer.interrupted or not _probes_available(trainer, self):
             return
         from selfsup.models.encoder import Encoder
 
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir broadcasts
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             random_encoder = Encoder(**pl_module.encoder.config).to(pl_module.device)
         if pl_module.channels_last:
             random_encoder.to(memory_format=torch.channels_last)
-        recalibrate_batchnorm(random_encoder, trainer.datamodule.probe_dataloader("train"), pl_module.device)
-        bf16 = _uses_bf16(trainer)
-        self.results = {name: frozen_scores(enc, trainer.datamodule, pl_module.device, bf16, self.protocols)
-                        for name, enc in (("pretrained", pl_module.encoder), ("random init", random_encoder))}
-        self._report(trainer)
+        loader = trainer.datamodule.probe_dataloader("train")
+        def recalibrate() -> None:
+            recalibrate_batchnorm(random_encoder, loader, pl_module.device)
 
-    @rank_zero_only
-    def _report(self, trainer: L.Trainer) -> None:
+        on_rank_zero(recalibrate)  # once, then the statistics go to every rank
+        broadcast_tensors(list(random_encoder.buffers()))
+        bf16 = _uses_bf16(trainer)
+        self.results = {
+            "pretrained": frozen_scores(pl_module.encoder, trainer.datamodule, pl_module.device, bf16, self.protocols,
+                                        forward=model_call(trainer, pl_module, "encoder")),
+            "random init": frozen_scores(random_encoder, trainer.datamodule, pl_module.device, bf16, self.protocols)}
+        self.path = out_dir / "probe_report.json"
+        on_rank_zero(self._report)
+
+    def _report(self) -> None:
         from rich.console import Console
         from rich.table import Table
 
@@ -186,7 +234,6 @@ class ProbeReport(L.Callback):
         for name, scores in self.results.items():
             table.add_row(name, *(f"{100 * scores[c]:.2f}" for c in columns))
         Console().print(table)
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "probe_report.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(self.results, indent=2))
-        log.info("wrote %s", out)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.results, indent=2))
+        log.info("wrote %s", self.path)

@@ -5,8 +5,8 @@
     selfsup export --ckpt RUN.ckpt --out DIR
 
 Evaluation uses the checkpoint's own preprocessing; ``--image-size/--mean/--std/--crop-pct/--interpolation``
-override it with a warning naming both values. :func:`score_encoder` is the one scoring path, shared
-with :class:`selfsup.eval.callbacks.CheckpointScorer`.
+override it with a warning naming both values. :func:`selfsup.eval.scorecard.score_encoder` is the one
+scoring path, shared with :class:`selfsup.eval.scorecard.CheckpointScorer`.
 """
 
 from __future__ import annotations
@@ -26,33 +26,13 @@ from selfsup.data.transforms import Preprocessing
 from selfsup.eval.cache import CacheMismatchError, FeatureCache
 from selfsup.eval.checkpoint import (CheckpointError, encoder_from_checkpoint, file_digest, load_checkpoint,
                                      selfsup_metadata)
-from selfsup.eval.protocols import EvalContext, EvalData, FeatureSet, frozen_features, run_protocols
-from selfsup.eval.scorecard import EMBEDDING_PLOT, append_rows, plot_embedding
+from selfsup.eval.protocols import EvalData
+from selfsup.eval.scorecard import score_encoder
 from selfsup.memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 DEFAULT_PROTOCOLS = "knn,linear,fewshot"
 OVERRIDABLE = ("image_size", "mean", "std", "crop_pct", "interpolation")
-
-
-def score_encoder(encoder: torch.nn.Module, data: EvalData, protocols: list[str], out_dir: Path | None,
-                  settings: dict[str, dict[str, Any]] | None = None, device: torch.device | str = "cpu",
-                  cache: FeatureCache | None = None, weights_id: str | None = None, checkpoint: str = "",
-                  epoch: int | None = None, step: int | None = None, bf16: bool = False,
-                  plot: bool = True) -> list[dict]:
-    """Run ``protocols`` on ``encoder``; append the rows to ``out_dir``'s scorecard and plot the test features."""
-    device = torch.device(device)
-    context = EvalContext(lambda: frozen_features(encoder, data, device, cache, weights_id, bf16),
-                          encoder, data, device, out_dir)
-    rows = run_protocols(protocols, context, settings)
-    if out_dir is not None:
-        append_rows(out_dir, rows, checkpoint, epoch, step)
-        if plot:
-            features: FeatureSet = context.frozen()
-            name = EMBEDDING_PLOT if epoch is None else EMBEDDING_PLOT.replace(".png", f"_epoch{epoch}.png")
-            plot_embedding(features.test_features, features.test_labels, Path(out_dir) / name, data.classes,
-                           title=f"Test features, PCA ({Path(checkpoint).name or 'encoder'})")
-    return rows
 
 
 def resolve_preprocessing(stored: dict[str, Any] | None, overrides: dict[str, Any]) -> Preprocessing:

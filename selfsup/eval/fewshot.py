@@ -37,7 +37,7 @@ def nearest_class_mean(train_features: Tensor, train_labels: Tensor, test_featur
                        num_classes: int) -> Tensor:
     """Cosine similarity ``(N_test, C)`` of each test feature to each class's mean normalised feature."""
     train = F.normalize(train_features.float(), dim=1)
-    means = torch.zeros(num_classes, train.shape[1]).index_add_(0, train_labels, train)
+    means = torch.zeros(num_classes, train.shape[1], device=train.device).index_add_(0, train_labels, train)
     return F.normalize(test_features.float(), dim=1) @ F.normalize(means, dim=1).T
 
 

@@ -13,8 +13,9 @@ def fit_logistic(features: Tensor, labels: Tensor, num_classes: int, weight_deca
                  max_iter: int = 100, init: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Weights ``(D, C)`` and bias ``(C,)`` minimising cross entropy + ``weight_decay/2 * |W|^2``,
     starting from zeros or from ``init`` (a warm start: the problem is convex, only speed changes)."""
-    weight = torch.zeros(features.shape[1], num_classes) if init is None else init[0].clone()
-    bias = torch.zeros(num_classes) if init is None else init[1].clone()
+    zeros = dict(device=features.device)
+    weight = torch.zeros(features.shape[1], num_classes, **zeros) if init is None else init[0].clone()
+    bias = torch.zeros(num_classes, **zeros) if init is None else init[1].clone()
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,

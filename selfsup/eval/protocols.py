@@ -50,6 +50,13 @@ class FeatureSet:
     test_features: Tensor
     test_labels: Tensor
 
+    def __post_init__(self) -> None:
+        for split, labels in (("train", self.train_labels), ("test", self.test_labels)):
+            if len(labels) and int(labels.min()) < 0:
+                raise ValueError(f"the {split} features include {int((labels < 0).sum())} unlabelled images "
+                                 "(label -1): probes need a labelled split (for a folder of unlabelled images, "
+                                 "set data.probe_train_root and data.test_root to labelled folders)")
+
 
 @dataclass
 class EvalData:
@@ -109,19 +116,22 @@ def subset(dataset: Dataset, size: int | None, seed: int = 0) -> Dataset:
 
 def frozen_features(encoder: torch.nn.Module, data: EvalData, device: torch.device | str = "cpu",
                     cache: FeatureCache | None = None, weights_id: str | None = None,
-                    bf16: bool = False) -> FeatureSet:
-    """Features of both splits, read from / written to ``cache`` when a weights identity is given."""
+                    bf16: bool = False, shard: bool = False, forward: Any = None) -> FeatureSet:
+    """Features of both splits on ``device``, read from / written to ``cache`` when a weights identity is
+    given. ``shard`` and ``forward``: see :func:`selfsup.eval.features.extract_features` (under DDP every
+    rank must call this together)."""
     parts: list[Tensor] = []
     for which in ("train", "test"):
         def extract(which: str = which) -> tuple[Tensor, Tensor]:
-            return extract_features(encoder, data.loader(which), device, bf16)
+            return extract_features(encoder, data.loader(which), device, bf16, shard, forward,
+                                    data.preprocessing.image_size)
 
         if cache is None or weights_id is None:
             parts += extract()
             continue
         describe = {"weights": weights_id, "data": data.identity, "split": which,
                     "size": len(data.dataset(which)), "preprocessing": data.preprocessing.as_dict()}
-        parts += cache.get_or_extract(cache_key(**describe), data.classes, describe, extract)
+        parts += [t.to(device) for t in cache.get_or_extract(cache_key(**describe), data.classes, describe, extract)]
     return FeatureSet(*parts)
 
 

@@ -16,9 +16,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
+
+from selfsup.eval.features import model_call
 
 log = logging.getLogger(__name__)
 
@@ -72,29 +73,34 @@ class ReconstructionImages(L.Callback):
         if self.last_step != trainer.global_step:
             self.write(trainer, pl_module)
 
-    @rank_zero_only
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Render the grid for the current weights and send it to the loggers and the run directory."""
+        """Render the grid for the current weights and send it to the loggers and the run directory.
+
+        Every rank calls it together: the run directory is resolved on all of them (``trainer.log_dir``
+        broadcasts), every rank reconstructs the same fixed images (inside the wrapped model when the
+        parameters are sharded), and rank 0 alone writes."""
         self.last_step = trainer.global_step
+        out = Path(trainer.log_dir or trainer.default_root_dir) / "reconstructions"
         images = self._fixed_images(trainer).to(pl_module.device)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         was_training = pl_module.training
         pl_module.eval()
         try:
-            masked, reconstruction = pl_module.reconstruct(images, generator=generator)
+            with torch.no_grad():
+                masked, reconstruction = model_call(trainer, pl_module, "reconstruct")(images, generator=generator)
         finally:
             pl_module.train(was_training)
-        preprocessing = trainer.datamodule.preprocessing
-        scale = max(1, self.min_display_size // images.shape[-1])
-        grid = reconstruction_grid(images, masked, reconstruction, preprocessing.mean, preprocessing.std,
-                                   scale).cpu()
-        self._to_loggers(trainer, grid)
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "reconstructions"
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"epoch{trainer.current_epoch:03d}-step{trainer.global_step:06d}.png"
-        save_image(grid, path)
-        self.paths.append(path)
-        log.info("wrote %s", path)
+        if trainer.is_global_zero:
+            preprocessing = trainer.datamodule.preprocessing
+            scale = max(1, self.min_display_size // images.shape[-1])
+            grid = reconstruction_grid(images, masked, reconstruction, preprocessing.mean, preprocessing.std,
+                                       scale).cpu()
+            self._to_loggers(trainer, grid)
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / f"epoch{trainer.current_epoch:03d}-step{trainer.global_step:06d}.png"
+            save_image(grid, path)
+            self.paths.append(path)
+            log.info("wrote %s", path)
 
     def _fixed_images(self, trainer: L.Trainer) -> Tensor:
         if self.images is None:

@@ -13,11 +13,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from matplotlib.figure import Figure  # object-oriented matplotlib: no pyplot, no global backend change
 from torch import Tensor
 
+from selfsup.distributed import is_distributed, on_rank_zero
+from selfsup.eval.cache import FeatureCache
+from selfsup.eval.features import model_call
 from selfsup.eval.linear import standardise
+from selfsup.eval.protocols import EvalContext, EvalData, FeatureSet, frozen_features, run_protocols
 
 JSON_FILE, MARKDOWN_FILE = "scorecard.json", "scorecard.md"
 EMBEDDING_PLOT, HISTORY_PLOT = "embedding_pca.png", "accuracy_vs_epoch.png"
@@ -109,18 +113,54 @@ def plot_embedding(features: Tensor, labels: Tensor, path: str | Path, classes: 
     return Path(path)
 
 
-class CheckpointScorer(L.Callback):
-    """Score the encoder with offline protocols whenever a checkpoint is saved, and at the end of fit.
+def score_encoder(encoder: torch.nn.Module, data: EvalData, protocols: list[str], out_dir: Path | None,
+                  settings: dict[str, dict[str, Any]] | None = None, device: torch.device | str = "cpu",
+                  cache: FeatureCache | None = None, weights_id: str | None = None, checkpoint: str = "",
+                  epoch: int | None = None, step: int | None = None, bf16: bool = False,
+                  plot: bool = True, forward: Any = None) -> list[dict]:
+    """Run ``protocols`` on ``encoder``; append the rows to ``out_dir``'s scorecard and plot the test features.
 
-    Runs :func:`selfsup.eval.command.score_encoder`, the same path as ``selfsup eval``, on the data
-    module's labelled splits (optionally fixed subsets), logs ``score/<protocol>_<metric>`` to the active
-    loggers and appends rows and a PCA plot to ``<default_root_dir>/scorecard`` (where ``selfsup eval``
-    writes too). Under DDP every rank scores (the same numbers); rank 0 writes.
+    The one scoring path of ``selfsup eval`` and :class:`CheckpointScorer`. Under DDP every rank calls it:
+    the features are extracted once, sharded over the ranks, then rank 0 alone runs the protocols and
+    writes the files, and every rank returns its rows. ``forward``: see
+    :func:`selfsup.eval.features.extract_features`.
+    """
+    device = torch.device(device)
+    if is_distributed():  # extracted by every rank together, before rank 0 works alone
+        features: Any = frozen_features(encoder, data, device, cache, weights_id, bf16, shard=True, forward=forward)
+    else:  # lazily: a protocol that needs no frozen features (finetune) extracts none
+        def features() -> FeatureSet:
+            return frozen_features(encoder, data, device, cache, weights_id, bf16)
+
+    def score() -> list[dict]:
+        context = EvalContext(features, encoder, data, device, out_dir)
+        rows = run_protocols(protocols, context, settings)
+        if out_dir is not None:
+            append_rows(out_dir, rows, checkpoint, epoch, step)
+            if plot:
+                frozen = context.frozen()
+                name = EMBEDDING_PLOT if epoch is None else EMBEDDING_PLOT.replace(".png", f"_epoch{epoch}.png")
+                plot_embedding(frozen.test_features.cpu(), frozen.test_labels.cpu(), Path(out_dir) / name,
+                               data.classes, title=f"Test features, PCA ({Path(checkpoint).name or 'encoder'})")
+        return rows
+
+    return on_rank_zero(score)
+
+
+class CheckpointScorer(L.Callback):
+    """Score the encoder with offline protocols at the end of every ``every_n_epochs``-th training epoch,
+    and the final weights at the end of fit.
+
+    Runs :func:`score_encoder`, the same path as ``selfsup eval``, on the data module's labelled splits
+    (optionally fixed subsets), logs ``score/<protocol>_<metric>`` to the active loggers and appends rows
+    and a PCA plot to ``<default_root_dir>/scorecard`` (where ``selfsup eval`` writes too). Under DDP the
+    features are extracted sharded over the ranks and rank 0 alone scores and writes. It never scores
+    inside a checkpoint save: those run on SIGTERM and SLURM requeue too, which leave seconds.
 
     Args:
         protocols: registered protocol names, e.g. ``["knn", "linear"]`` (``finetune`` is slow).
-        every_n_epochs: score checkpoints saved at epochs that are multiples of this; the final
-            weights are always scored.
+        every_n_epochs: score at the end of epochs that are multiples of this; the final weights are
+            always scored.
         settings: per-protocol settings, e.g. ``{"knn": {"k": 10}}``.
         train_size, test_size: score on fixed random subsets of the labelled splits (faster).
         out_dir: where the scorecard goes (default ``<default_root_dir>/scorecard``).
@@ -136,8 +176,8 @@ class CheckpointScorer(L.Callback):
         self.scored_steps: set[int] = set()
         self.rows: list[dict] = []
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if (checkpoint["epoch"] + 1) % self.every_n_epochs == 0:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.score(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -145,21 +185,23 @@ class CheckpointScorer(L.Callback):
             self.score(trainer, pl_module)
 
     def score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict]:
-        """Score the current weights once per global step (``last.ckpt`` and ``epoch=...ckpt`` share one)."""
-        from selfsup.eval.command import score_encoder
-        from selfsup.eval.protocols import EvalData
-
+        """Score the current weights once per global step (every rank calls this together)."""
         step, epoch = trainer.global_step, trainer.current_epoch
         if step in self.scored_steps:
             return []
         self.scored_steps.add(step)
-        if not hasattr(trainer.datamodule, "split"):
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "split"):
             raise ValueError("CheckpointScorer needs an SSLDataModule (trainer.datamodule) with labelled splits")
-        data = EvalData.from_datamodule(trainer.datamodule, self.train_size, self.test_size)
+        if not datamodule.has_labels:
+            rank_zero_info(f"[selfsup] CheckpointScorer: {probes_unavailable(datamodule)}")
+            return []
+        data = EvalData.from_datamodule(datamodule, self.train_size, self.test_size)
         out_dir = Path(self.out_dir or Path(trainer.default_root_dir) / "scorecard")
-        rows = score_encoder(pl_module.encoder, data, self.protocols, out_dir if trainer.is_global_zero else None,
-                             self.settings, pl_module.device, checkpoint=f"epoch={epoch}-step={step}",
-                             epoch=epoch, step=step, bf16="bf16" in str(trainer.precision))
+        rows = score_encoder(pl_module.encoder, data, self.protocols, out_dir, self.settings, pl_module.device,
+                             checkpoint=f"epoch={epoch}-step={step}", epoch=epoch, step=step,
+                             bf16="bf16" in str(trainer.precision),
+                             forward=model_call(trainer, pl_module, "encoder"))
         self.rows += rows
         self._log(trainer, rows, step)
         return rows
@@ -169,3 +211,9 @@ class CheckpointScorer(L.Callback):
         metrics = {f"score/{row['protocol']}_{row['metric']}": row["value"] for row in rows}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+
+def probes_unavailable(datamodule: Any) -> str:
+    """The data module's one-line reason why probes cannot run (no labelled probe-train or test split)."""
+    reason = getattr(datamodule, "probe_unavailable_reason", None)
+    return reason or f"probes skipped: dataset {getattr(datamodule, 'dataset', '?')!r} has no labelled splits"

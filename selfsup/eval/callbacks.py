@@ -114,7 +114,7 @@ class OnlineLinearProbe(L.Callback):
         """Accuracy over every rank's validation images (one all-reduce that every rank runs)."""
         correct, total = all_reduce_sum(self._val_counts).tolist()
         if total:
-            pl_module.log("probe/val_acc", correct / total, prog_bar=True, rank_zero_only=False)
+            pl_module.log("probe/val_acc", correct / total, prog_bar=True, sync_dist=True)  # the same on every rank
 
     def state_dict(self) -> dict[str, Any]:
         if self.head is None:
@@ -180,7 +180,7 @@ class KNNMonitor(L.Callback):
             return
         scores = frozen_scores(pl_module.encoder, trainer.datamodule, pl_module.device, _uses_bf16(trainer),
                                ("knn",), self.k, self.temperature, model_call(trainer, pl_module, "encoder"))
-        pl_module.log("knn/top1", scores["knn_top1"], prog_bar=True, rank_zero_only=False)
+        pl_module.log("knn/top1", scores["knn_top1"], prog_bar=True, sync_dist=True)  # the same on every rank
 
 
 class ProbeReport(L.Callback):

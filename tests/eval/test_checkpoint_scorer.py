@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from selfsup.cli import main
@@ -56,3 +57,23 @@ def test_frozen_scores_use_the_registered_protocols(tmp_path: Path) -> None:
     features = frozen_features(encoder, data)
     rows = run_protocols(["knn", "linear"], EvalContext(features), {"knn": {"k": 5}})
     assert scores == {f"{r['protocol']}_top1": r["value"] for r in rows if r["metric"] == "top1"}
+
+
+class _SaveEveryStep(Callback):
+    """Saves a checkpoint after every training step, as a SIGTERM or SLURM requeue save may come at any step."""
+
+    def __init__(self, path: Path):
+        self.path, self.saves = path, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        trainer.save_checkpoint(self.path)
+        self.saves += 1
+
+
+def test_scorer_never_scores_inside_a_checkpoint_save(tmp_path: Path) -> None:
+    """Saves on SIGTERM or requeue leave seconds: scoring happens at epoch ends, never in the save path."""
+    scorer = CheckpointScorer(protocols=["knn"], train_size=50, test_size=20)
+    saver = _SaveEveryStep(tmp_path / "every_step.ckpt")
+    tiny_fit(tmp_path, max_epochs=2, steps=-1, limit_train_batches=2, callbacks=[scorer, saver])
+    assert saver.saves == 4
+    assert sorted(scorer.scored_steps) == [2, 4], "once per epoch end, however many saves ran"

@@ -90,10 +90,56 @@ def _collectives_rank(rank: int, world_size: int) -> dict:
     return {"gathered": gathered, "value": value, "error": error}
 
 
+# -- the online probe -------------------------------------------------------------------------------
+PROBE_DIM, PROBE_CLASSES, PROBE_STEPS = 6, 3, 3
+
+
+def _probe_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per step, features and labels of a global batch of 8: rank 0's half (rows 0-3) is unlabelled."""
+    generator = torch.Generator().manual_seed(1)
+    steps = []
+    for _ in range(PROBE_STEPS):
+        features = torch.randn(8, PROBE_DIM, generator=generator)
+        labels = torch.randint(0, PROBE_CLASSES, (8,), generator=generator)
+        labels[:4] = -1
+        steps.append((features, labels))
+    return steps
+
+
+def _probe(rank: int | None = None) -> dict:
+    """OnlineLinearProbe's head after the steps, on one rank's half (or, ``rank=None``, on all 8 rows)."""
+    from selfsup.eval.callbacks import OnlineLinearProbe
+
+    probe = OnlineLinearProbe(lr=0.1)
+    torch.manual_seed(0)
+    probe.head = nn.Linear(PROBE_DIM, PROBE_CLASSES)
+    probe.optimizer = torch.optim.AdamW(probe.head.parameters(), lr=0.1, weight_decay=0.0)
+    module = SimpleNamespace(device=torch.device("cpu"), log_dict=lambda *a, **k: None)
+    for features, labels in _probe_batches():
+        part = slice(None) if rank is None else slice(4 * rank, 4 * rank + 4)
+        probe.on_train_batch_end(None, module, {"features": features[part]}, SimpleNamespace(labels=labels[part]), 0)
+    return {k: v.clone() for k, v in probe.head.state_dict().items()}
+
+
+def test_online_probe_on_two_ranks_equals_the_whole_batch_when_one_rank_has_no_labels(ranks):
+    torch.manual_seed(0)
+    head = nn.Linear(PROBE_DIM, PROBE_CLASSES)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.1, weight_decay=0.0)
+    for features, labels in _probe_batches():  # the reference: plain cross entropy on the labelled rows
+        optimizer.zero_grad()
+        known = labels >= 0
+        torch.nn.functional.cross_entropy(head(features[known]), labels[known]).backward()
+        optimizer.step()
+    for r in ranks:
+        for key, value in head.state_dict().items():
+            assert torch.allclose(r["probe"][key], value, atol=1e-6), key
+    assert torch.allclose(_probe()["weight"], head.weight, atol=1e-6), "one process with the whole batch"
+
+
 def _all_rank(rank: int, world_size: int) -> dict:
     """Every case in one pair of processes (starting them costs more than the cases)."""
     return {"collectives": _collectives_rank(rank, world_size), "ddp": _sharded_rank(rank, world_size, False),
-            "fsdp2": _sharded_rank(rank, world_size, True)}
+            "fsdp2": _sharded_rank(rank, world_size, True), "probe": _probe(rank)}
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_malloc_argument, apply_malloc, count_flops, endless_batches, matmul_peak_gflops,  # noqa: E402
+from common import (count_flops, endless_batches, matmul_peak_gflops,  # noqa: E402
                     report, time_steps)
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
@@ -128,10 +128,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(BASELINES))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    add_malloc_argument(parser, default="default")  # as a user of the other library runs it; "keep" to compare
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    apply_malloc(args)
     for name in args.methods.split(","):
         torch.manual_seed(0)
         params, loss, data = BASELINES[name]()

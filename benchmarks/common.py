@@ -23,69 +23,23 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from selfsup.memory import freed_memory_kept, keep_freed_memory
-from selfsup.models.cpu_conv import use_cpu_convolutions
-from selfsup.models.cpu_norm import use_fused_batchnorm
 
 RESULTS = Path(__file__).with_name("results.jsonl")
 
 
-def add_malloc_argument(parser: argparse.ArgumentParser, default: str = "keep") -> None:
-    parser.add_argument("--malloc", choices=("keep", "default"), default=default,
-                        help="keep: glibc keeps freed memory for the next step, as selfsup's CPU training does "
-                             "(selfsup.memory.keep_freed_memory); default: glibc's own settings")
-
-
-def apply_malloc(args: argparse.Namespace) -> None:
-    """Apply ``--malloc keep`` in this process (results rows record which allocator setting ran)."""
-    if args.malloc == "keep" and not keep_freed_memory():
-        print("--malloc keep: the C library is not glibc; measuring with its defaults", flush=True)
-
-
-def layer_arguments(description: str) -> argparse.Namespace:
-    """Parse the options of a one-layer benchmark (``--repeats``, ``--threads``, ``--malloc``) and apply them."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    add_malloc_argument(parser)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    apply_malloc(args)
-    return args
-
-
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every ResNet training-step benchmark takes: batch, steps, micro-batch, threads, workers,
-    and the allocator setting."""
+    """The options every ResNet training-step benchmark takes: batch, steps, micro-batch, threads, workers."""
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="encoder chunk size (model.micro_batch_size; per-chunk BatchNorm)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--conv", choices=("selfsup", "direct"), default="selfsup",
-                        help="selfsup: Winograd and GEMM convolutions as selfsup's CPU training runs them "
-                             "(selfsup.models.cpu_conv); direct: torch's own convolutions")
-    parser.add_argument("--batchnorm", choices=("fused", "torch"), default="fused",
-                        help="fused: BatchNorm + ReLU (+ residual add) in one kernel, as selfsup's CPU training runs "
-                             "them (selfsup.models.cpu_norm); torch: torch's own operators")
-    add_malloc_argument(parser)
-
-
-def apply_conv(args: argparse.Namespace, model: torch.nn.Module) -> None:
-    """Apply ``--conv selfsup`` and ``--batchnorm fused`` to ``model``'s encoder. Call it after counting
-    FLOPs: MFU counts the model's FLOPs (direct convolution), not the fewer that Winograd's algorithm performs."""
-    if args.conv == "selfsup":
-        use_cpu_convolutions(model.encoder)
-    if args.batchnorm == "fused":
-        use_fused_batchnorm(model.encoder)
 
 
 def variant_label(args: argparse.Namespace) -> str:
-    """What result names add for settings off the default: `` micro-batch N``, `` direct-conv``,
-    `` torch-batchnorm``."""
-    return ((f" micro-batch {args.micro_batch_size}" if args.micro_batch_size else "")
-            + (" direct-conv" if args.conv == "direct" else "") + (" torch-batchnorm" if args.batchnorm == "torch" else ""))
+    """What result names add for settings off the default: `` micro-batch N``."""
+    return f" micro-batch {args.micro_batch_size}" if args.micro_batch_size else ""
 
 
 def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:
@@ -111,18 +65,6 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def best_ms(fn: Callable[[], Any], repeats: int) -> float:
-    """Milliseconds of the fastest of ``repeats`` calls of ``fn``, after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
 
 
 def time_steps(step: Callable[[Any], Any], batches: Iterator[Any], steps: int, warmup: int = 2) -> float:
@@ -169,7 +111,7 @@ def training_step(model: Any, optimizer: torch.optim.Optimizer, precision: str =
 def record(row: dict[str, Any]) -> None:
     """Append a result row, with the command, the machine and the time, to results.jsonl."""
     with RESULTS.open("a") as f:
-        f.write(json.dumps({**row, "malloc": "keep" if freed_memory_kept() else "default",
+        f.write(json.dumps({**row, "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
                             "command": " ".join(sys.argv), "machine": machine(),
                             "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
 

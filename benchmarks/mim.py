@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_malloc_argument, apply_malloc, count_flops, endless_batches, matmul_peak_gflops,  # noqa: E402
+from common import (count_flops, endless_batches, matmul_peak_gflops,  # noqa: E402
                     report, time_steps)
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
@@ -116,14 +116,12 @@ def parse() -> argparse.Namespace:
     add("--decoder-heads", type=int, default=4)
     add("--simmim-mask-ratio", type=float, default=0.6)
     add("--simmim-mask-patch-size", type=int, default=8)
-    add_malloc_argument(parser)
     return parser.parse_args()
 
 
 def measure(name: str, args: argparse.Namespace) -> tuple[float, int]:
     """Images/s and FLOPs per step of one method, end to end from the loader; prints and records its row."""
     torch.set_num_threads(args.threads)
-    apply_malloc(args)
     crop_scale = (0.67, 1.0) if name == "simmim" else (0.2, 1.0)  # as the recipes (the papers' settings)
     data = SSLDataModule(image_size=args.image_size, batch_size=args.batch_size, num_workers=args.workers,
                          views=MaskedImageView(crop_scale=crop_scale))

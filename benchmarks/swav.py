@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_step_arguments, apply_conv, apply_malloc, count_flops, endless_batches,  # noqa: E402
+from common import (add_step_arguments, count_flops, endless_batches,  # noqa: E402
                     matmul_peak_gflops, report, time_steps, training_step, variant_label)
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
@@ -64,7 +64,6 @@ def main() -> None:
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    apply_malloc(args)
 
     for setting, precision in itertools.product(args.settings.split(","), args.precisions.split(",")):
         batches, fixed = loader_batches(args, SETTINGS[setting])
@@ -74,7 +73,6 @@ def main() -> None:
         step = training_step(model, optimizer, precision, before=model.prototypes.normalize_)
 
         flops = count_flops(lambda: step(fixed))
-        apply_conv(args, model)
         peak = matmul_peak_gflops(dtype)
         seconds = time_steps(step, batches, args.steps)
         crops_per_s = round(args.batch_size * len(fixed.views) / seconds, 2)
@@ -82,8 +80,7 @@ def main() -> None:
         report(f"swav {args.model} {setting} {precision}{chunks} with data", args.batch_size, seconds, flops, peak,
                batch_size=args.batch_size, threads=args.threads, workers=args.workers, crops=len(fixed.views),
                crops_per_s=crops_per_s, gflop_per_image=round(flops / args.batch_size / 1e9, 2),
-               prototypes=args.prototypes, precision=precision, micro_batch_size=args.micro_batch_size,
-               conv=args.conv, batchnorm=args.batchnorm)
+               prototypes=args.prototypes, precision=precision, micro_batch_size=args.micro_batch_size)
         print(f"{'':<40} {crops_per_s:8.1f} crops/s, {flops / args.batch_size / 1e9:.2f} GFLOP per image", flush=True)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_step_arguments, apply_conv, apply_malloc, count_flops, endless_batches,  # noqa: E402
+from common import (add_step_arguments, count_flops, endless_batches,  # noqa: E402
                     matmul_peak_gflops, report, time_steps, training_step, variant_label)
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
@@ -41,7 +41,6 @@ def main() -> None:
     parser.add_argument("--memory-formats", default="channels_last,contiguous")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    apply_malloc(args)
 
     data = SSLDataModule(batch_size=args.batch_size, num_workers=args.workers, image_size=32)
     data.setup("fit")
@@ -52,7 +51,6 @@ def main() -> None:
         step = training_step(model, opt, precision)
 
         flops = count_flops(lambda: step(fixed))
-        apply_conv(args, model)
         peak = matmul_peak_gflops(dtype)
         for with_data in (True, False):
             source = batches if with_data else itertools.repeat(fixed)
@@ -60,7 +58,7 @@ def main() -> None:
             chunks = variant_label(args)
             report(f"simclr {args.model} {precision} {memory_format}{chunks} {'with' if with_data else 'without'} data",
                    args.batch_size, seconds, flops, peak, batch_size=args.batch_size, threads=args.threads,
-                   workers=args.workers, micro_batch_size=args.micro_batch_size, conv=args.conv, batchnorm=args.batchnorm)
+                   workers=args.workers, micro_batch_size=args.micro_batch_size)
 
 
 if __name__ == "__main__":

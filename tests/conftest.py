@@ -1,4 +1,4 @@
-"""Test-wide settings: CPU only, no network, wandb offline and compiled kernels in temp dirs, small thread count."""
+"""Test-wide settings: CPU only, no network, wandb offline in temp dirs, small thread count."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ for key in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
-os.environ["SELFSUP_CACHE"] = os.path.join(_tmp, "selfsup-cache")  # compiled kernels: built once per session
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

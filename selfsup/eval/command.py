@@ -28,7 +28,6 @@ from selfsup.eval.checkpoint import (CheckpointError, encoder_from_checkpoint, f
                                      selfsup_metadata)
 from selfsup.eval.protocols import EvalData
 from selfsup.eval.scorecard import score_encoder
-from selfsup.memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 DEFAULT_PROTOCOLS = "knn,linear,fewshot"
@@ -85,8 +84,6 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     settings = parse_settings(args.set)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        keep_freed_memory()  # as CPU training does: feature passes and fine-tuning reuse their memory
     overrides = {key: getattr(args, key) for key in OVERRIDABLE}
     all_rows: list[dict] = []
     for ckpt in args.ckpt:

@@ -13,11 +13,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from selfsup import memory, reliability
+from selfsup import reliability
 from selfsup.data.datamodule import Batch
 from selfsup.models.encoder import Encoder
-from selfsup.models.cpu_conv import use_cpu_convolutions
-from selfsup.models.cpu_norm import use_fused_batchnorm
 
 OPTIMIZERS = ("adamw", "sgd", "lars", "lamb")
 FUSED_OPTIMIZERS = ("adamw", "sgd")  # torch.optim's, which have fused CPU and CUDA kernels
@@ -79,32 +77,10 @@ class SSLMethod(L.LightningModule):
             many images, drawn at random from all views of the batch. Each chunk then has its own
             BatchNorm statistics ("ghost" batch norm, as per-device BatchNorm without SyncBatchNorm),
             shuffled so that a view's chunk does not reveal its positives; nothing else changes. It
-            bounds activation memory; with ``keep_freed_memory`` it no longer speeds CPU steps up
-            (benchmarks/README.md). ``None``: one pass per resolution, BatchNorm over all views of the
+            bounds activation memory. ``None``: one pass per resolution, BatchNorm over all views of the
             batch as in the SimCLR and SwAV papers. Models without BatchNorm (ViTs) are unaffected
             numerically. Only for methods that encode views with :meth:`encode_views` (SimCLR, SwAV);
             MAE and SimMIM run token-level encoders and reject it.
-        keep_freed_memory: on CPU, keep the memory a step frees for the next step instead of handing it
-            back to the operating system (:func:`selfsup.memory.keep_freed_memory`, glibc only): each step
-            otherwise page-faults its activations in again. 1.2-1.4x faster CPU steps on our test machine, for
-            up to 1.5x the peak memory. Process-wide, applied when fit starts on a CPU; GPUs are unaffected.
-        cpu_conv: on CPU, run the encoder's 3x3 convolutions with selfsup's CPU algorithms
-            (:mod:`selfsup.models.cpu_conv`): stride-1 layers of at least 64 channels (128 where no C
-            compiler builds the compiled transforms) by Winograd's F(4x4, 3x3) (2.25 instead of 9
-            multiplications per output), stride-2 layers of at least 128 channels onto maps of at most
-            4x4 by one GEMM. Same parameters and state dict; results equal direct convolution up to float32
-            rounding. A ResNet-18 step at 32 px ran 1.4x faster on our test machine, for about 28% more
-            saved activations. Applied when the model is set up on a CPU; float32 only (autocast and GPUs
-            convolve as torch does, and GPU libraries choose such algorithms themselves). No higher-order
-            gradients: turn it off for gradient penalties.
-        cpu_batchnorm: on CPU, fuse the encoder's BatchNorms with the ReLU and residual add after them
-            (:mod:`selfsup.models.cpu_norm`; timm ResNets): one compiled kernel instead of three torch
-            operators, reading and writing each activation 5-8 times per step instead of 13. Same parameters,
-            buffers and state dict; results equal torch's up to float32 rounding. A SwAV multi-crop step ran
-            5-7% faster on our test machine. Applied when a fit without ``sync_batchnorm`` sets up on a CPU;
-            float32 channels-last training only (everything else runs torch's operators). The kernels are
-            built with the system C compiler on first use (about a second, cached); without one, a warning
-            says so and torch's operators run.
         max_consecutive_nonfinite: a step whose loss or gradient is NaN/Inf is skipped and counted; this
             many skips in a row stop the run with an error naming the step and the term.
         init_from: start a new run from the encoder weights of a selfsup checkpoint, an exported
@@ -117,8 +93,7 @@ class SSLMethod(L.LightningModule):
     def __init__(self, encoder: Encoder, optimizer: str = "adamw", base_lr: float = 1e-3,
                  weight_decay: float = 0.05, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_epochs: float = 10.0, min_lr_ratio: float = 0.0, lr_batch_denominator: int = 256,
-                 channels_last: bool = False, micro_batch_size: int | None = None, keep_freed_memory: bool = True,
-                 cpu_conv: bool = True, cpu_batchnorm: bool = True, max_consecutive_nonfinite: int = 5,
+                 channels_last: bool = False, micro_batch_size: int | None = None, max_consecutive_nonfinite: int = 5,
                  init_from: str | None = None):
         super().__init__()
         _check("optimizer", optimizer in OPTIMIZERS, optimizer, f"one of {OPTIMIZERS}")
@@ -180,15 +155,6 @@ class SSLMethod(L.LightningModule):
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        on_cpu = self.trainer.strategy.root_device.type == "cpu"  # the model moves to its device after setup
-        if stage == "fit" and on_cpu and self.hparams.get("keep_freed_memory", True):
-            memory.keep_freed_memory()
-        if on_cpu and self.hparams.get("cpu_conv", True):
-            use_cpu_convolutions(self.encoder)
-        # after setup, sync_batchnorm replaces every BatchNorm with one that knows nothing of fused ReLUs
-        if on_cpu and self.hparams.get("cpu_batchnorm", True) and getattr(self.trainer.strategy, "_layer_sync",
-                                                                           None) is None:
-            use_fused_batchnorm(self.encoder)
         if stage == "fit" and self.hparams.get("init_from") and not self.trainer.ckpt_path:
             from selfsup.export import init_encoder_from
 

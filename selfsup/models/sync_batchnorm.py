@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.distributed import is_distributed
@@ -117,13 +116,7 @@ class _PlainBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """Replace every BatchNorm (1d/2d/3d, and torch's SyncBatchNorm) with :class:`SyncBatchNorm`,
-    keeping parameters, buffers and train/eval mode. A :class:`~selfsup.models.cpu_norm.FusedBatchNorm2d` that
-    also computes a ReLU or a residual add is refused: its synchronised replacement would drop them."""
-    from selfsup.models.cpu_norm import FusedBatchNorm2d
-
-    if isinstance(module, FusedBatchNorm2d) and module.relu:
-        raise ValueError("cannot synchronise BatchNorms fused with their ReLU (selfsup.models.cpu_norm); "
-                         "convert before use_fused_batchnorm, or set model.cpu_batchnorm: false")
+    keeping parameters, buffers and train/eval mode."""
     converted = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
         converted = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,

@@ -1,0 +1,141 @@
+"""Optimizers, weight-decay groups and schedules: shared by every method, importing nothing above it.
+
+- :func:`no_weight_decay_names` decides, from names and shapes, which parameters get no weight decay:
+  biases and normalisation weights (1-D), and every name a module lists in its ``no_weight_decay()``
+  (timm's ``pos_embed``, ``cls_token``, register tokens, Swin's relative position tables; a method's mask
+  token). Decide it before DDP or FSDP wrap the model: FSDP's flat 1-D shards would all look like biases.
+- :func:`create_optimizer` builds timm's AdamW, SGD, LARS or LAMB over those groups.
+- Schedules (:class:`Cosine`, :class:`Linear`, :class:`Constant`) give any scalar per step, with an
+  optional linear warmup: the learning rate, and the teacher momentum, teacher temperature or weight decay
+  of the self-distillation methods. Each is a class with ``__init__`` arguments, so a recipe names it as
+  ``class_path``/``init_args``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import timm.optim
+import torch
+from torch import nn
+
+OPTIMIZERS = ("adamw", "sgd", "lars", "lamb")
+FUSED_OPTIMIZERS = ("adamw", "sgd")  # torch.optim's, which have fused CPU and CUDA kernels
+WRAPPER_PREFIXES = ("_forward_module.", "_fsdp_wrapped_module.", "_orig_mod.", "module.",
+                    "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the prefixes that DDP, FSDP, ``torch.compile`` and checkpoint wrappers add."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of ``model`` that get no weight decay: 1-D ones (biases, norm weights) and
+    every name a submodule lists in ``no_weight_decay()`` (relative to that submodule). Call it on the
+    unwrapped model, before any flattening."""
+    names = {clean_name(n) for n, p in model.named_parameters() if p.ndim <= 1}
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            base = f"{prefix}." if prefix else ""
+            names |= {clean_name(base + name) for name in listed()}
+    parameters = {clean_name(n) for n, _ in model.named_parameters()}
+    return names & parameters
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay: set[str] | None = None) -> list[dict[str, Any]]:
+    """Two parameter groups, with and without weight decay, by name. ``no_decay`` is what
+    :func:`no_weight_decay_names` gave before wrapping (computed now when not given)."""
+    no_decay = no_weight_decay_names(model) if no_decay is None else no_decay
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if clean_name(name) in no_decay else decay).append(p)
+    return [group for group in ({"params": decay, "weight_decay": weight_decay},
+                                {"params": plain, "weight_decay": 0.0}) if group["params"]]
+
+
+def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, no_decay: set[str] | None = None,
+                     **options: Any) -> torch.optim.Optimizer:
+    """timm's optimizer ``name`` (``sgd`` is momentum SGD without Nesterov) over :func:`param_groups`, with
+    torch's fused kernel for AdamW and SGD when every parameter allows it."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer={name!r} is not one of {OPTIMIZERS}")
+    if name in FUSED_OPTIMIZERS and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                        and type(p) in (torch.Tensor, nn.Parameter) for p in model.parameters()):
+        options["fused"] = True
+    groups = param_groups(model, weight_decay, no_decay)
+    return timm.optim.create_optimizer_v2(groups, opt="momentum" if name == "sgd" else name, lr=lr,
+                                          weight_decay=weight_decay, filter_bias_and_bn=False, **options)
+
+
+# -- schedules -------------------------------------------------------------------------------------
+@dataclass
+class Schedule:
+    """A scalar per optimizer step: a linear warmup from ``warmup_start`` to ``start`` over ``warmup_epochs``
+    (fractions allowed), then the shape of the subclass from ``start`` to ``end`` over the remaining steps.
+
+    Call :meth:`value` with the step, the total number of steps and the steps per epoch (the base
+    class knows both from the trainer)."""
+
+    start: float
+    end: float | None = None
+    warmup_epochs: float = 0.0
+    warmup_start: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be >= 0")
+        for key in ("start", "end", "warmup_start"):
+            value = getattr(self, key)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{type(self).__name__}.{key}={value} must be finite")
+
+    def value(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        warmup = min(total_steps, round(self.warmup_epochs * max(1, steps_per_epoch)))
+        if step < warmup:
+            return self.warmup_start + (self.start - self.warmup_start) * (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        end = self.start if self.end is None else self.end
+        return self.start + (end - self.start) * self.shape(progress)
+
+    def shape(self, progress: float) -> float:
+        """0 at the start, 1 at the end of the schedule."""
+        raise NotImplementedError
+
+
+@dataclass
+class Cosine(Schedule):
+    """Half a cosine from ``start`` to ``end`` (teacher momentum 0.996 -> 1, DINO's weight decay 0.04 -> 0.4,
+    the learning rate after its warmup)."""
+
+    def shape(self, progress: float) -> float:
+        return 0.5 * (1 - math.cos(math.pi * progress))
+
+
+@dataclass
+class Linear(Schedule):
+    """A straight line from ``start`` to ``end``."""
+
+    def shape(self, progress: float) -> float:
+        return progress
+
+
+@dataclass
+class Constant(Schedule):
+    """``start`` throughout (after the warmup, if any): DINO's teacher temperature is
+    ``Constant(0.07, warmup_epochs=30, warmup_start=0.04)``."""
+
+    def shape(self, progress: float) -> float:
+        return 0.0
+
+
+def values(schedule: Schedule, total_steps: int, steps_per_epoch: int) -> Iterable[float]:
+    """Every step's value (for plots and tests)."""
+    return (schedule.value(step, total_steps, steps_per_epoch) for step in range(total_steps))

@@ -29,16 +29,21 @@ ROOT_DIR_PLACEHOLDER = "<trainer.default_root_dir>"  # a logger's save_dir that 
 
 class SelfSupCLI(LightningCLI):
     """LightningCLI with selfsup's defaults: one run directory, ``trainer.default_root_dir``, holding the
-    CSV logs, ``config.yaml`` and the checkpoints; a rich progress bar; and a ``last.ckpt`` in a
-    fixed ``<default_root_dir>/checkpoints`` so ``--ckpt_path last`` finds it on resume. Checkpoints are
-    written atomically, SIGTERM saves ``last.ckpt`` before exiting, and ``--trainer.sync_batchnorm true``
-    uses a SyncBatchNorm that also runs on CPU (see :mod:`selfsup.reliability`)."""
+    CSV logs, ``config.yaml`` and the checkpoints; a rich progress bar; and one ``last.ckpt`` in
+    ``<default_root_dir>/checkpoints`` that always holds the newest weights (no ``last-vN`` copies after a
+    resume). Checkpoints are written atomically, SIGTERM saves ``last.ckpt`` before exiting, and
+    ``--trainer.sync_batchnorm true`` uses a SyncBatchNorm that also runs on CPU
+    (see :mod:`selfsup.reliability`)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_epochs": 1})
+        # Without the version counter a resumed run writes last.ckpt again instead of last-v1.ckpt: the
+        # counter skips every existing name but the callback's own last_model_path, which a resume from a
+        # checkpoint saved before the first periodic save (SIGTERM, SIGUSR1) does not hold.
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_epochs": 1,
+                             "checkpoint.enable_version_counter": False})
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 from selfsup.data.datamodule import SSLDataModule
 from selfsup.methods.base import SSLMethod
 from selfsup.reliability import PreemptionCheckpoint, default_plugins
+from selfsup.resume import find_resume_checkpoint
 
 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
@@ -31,9 +32,10 @@ class SelfSupCLI(LightningCLI):
     """LightningCLI with selfsup's defaults: one run directory, ``trainer.default_root_dir``, holding the
     CSV logs, ``config.yaml`` and the checkpoints; a rich progress bar; and one ``last.ckpt`` in
     ``<default_root_dir>/checkpoints`` that always holds the newest weights (no ``last-vN`` copies after a
-    resume). Checkpoints are written atomically, SIGTERM saves ``last.ckpt`` before exiting, and
-    ``--trainer.sync_batchnorm true`` uses a SyncBatchNorm that also runs on CPU
-    (see :mod:`selfsup.reliability`)."""
+    resume). ``--ckpt_path last`` resumes from the newest complete ``last.ckpt`` or ``hpc_ckpt_N.ckpt``
+    (:func:`selfsup.resume.find_resume_checkpoint`). Checkpoints are written atomically, SIGTERM saves
+    ``last.ckpt`` before exiting, and ``--trainer.sync_batchnorm true`` uses a SyncBatchNorm that also runs
+    on CPU (see :mod:`selfsup.reliability`)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -52,6 +54,8 @@ class SelfSupCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         config.trainer.logger = loggers_in_run_directory(config.trainer.logger, root)
+        if config.get("ckpt_path") == "last" and "://" not in f"{config.checkpoint.dirpath}{root}":
+            config.ckpt_path = find_resume_checkpoint(config.checkpoint.dirpath, root)  # None: start afresh
 
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})

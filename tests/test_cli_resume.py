@@ -3,6 +3,9 @@ weights, however often the run is interrupted; SLURM's ``hpc_ckpt_N.ckpt`` files
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -37,3 +40,19 @@ def test_two_preemptions_keep_one_last_checkpoint_with_the_newest_weights(tmp_pa
     assert straight["global_step"] == resumed["global_step"] == 6
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+def test_ckpt_path_last_resumes_from_a_newer_hpc_checkpoint(tmp_path):
+    """A SLURM requeue save (``<root>/hpc_ckpt_N.ckpt``) newer than ``last.ckpt`` is the one resumed;
+    the run then writes its newest weights to ``last.ckpt``."""
+    every_step = ["--checkpoint.every_n_train_steps", "1", "--checkpoint.every_n_epochs", "0",
+                  "--checkpoint.save_top_k", "-1"]
+    fit(tmp_path, *every_step)  # 2 steps: epoch=0-step=1.ckpt, epoch=0-step=2.ckpt
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copy(checkpoints / "epoch=0-step=2.ckpt", tmp_path / "hpc_ckpt_1.ckpt")  # the requeue save ...
+    shutil.copy(checkpoints / "epoch=0-step=1.ckpt", checkpoints / "last.ckpt")  # ... after last.ckpt
+    os.utime(checkpoints / "last.ckpt", ns=(10**18, 10**18))
+    os.utime(tmp_path / "hpc_ckpt_1.ckpt", ns=(10**18 + 10**9, 10**18 + 10**9))
+    fit(tmp_path, *every_step, "--trainer.max_steps", "3", "--ckpt_path", "last")
+    assert logged_steps(tmp_path / "lightning_logs" / "version_1" / "metrics.csv")[0] == 2
+    assert _step(checkpoints / "last.ckpt") == 3

@@ -43,11 +43,13 @@ def test_load_from_checkpoint_rebuilds_the_encoder(name, tmp_path, one_thread):
         "sanity: untrained weights must give other features, else the comparison proves nothing"
 
 
-def test_an_explicit_encoder_is_used_and_a_foreign_checkpoint_is_named(tmp_path, one_thread):
+def test_explicit_encoder_open_file_and_foreign_checkpoint(tmp_path, one_thread):
     trained, _ = tiny_fit("simclr", tmp_path, max_steps=1)
     encoder = Encoder("test_resnet")
     loaded = type(trained).load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", encoder=encoder)
     assert loaded.encoder is encoder and same_weights(trained, loaded) == []
+    with open(tmp_path / "checkpoints" / "last.ckpt", "rb") as f:  # an open file is read from where it is
+        assert same_weights(trained, type(trained).load_from_checkpoint(f)) == []
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}}, foreign)
     with pytest.raises(ValueError, match=r"foreign\.ckpt.*no encoder config.*encoder="):

@@ -11,29 +11,41 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import Any
 
 import lightning as L
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from selfsup.data.datamodule import SSLDataModule
 from selfsup.methods.base import SSLMethod
 from selfsup.reliability import PreemptionCheckpoint, default_plugins
+from selfsup.resume import find_resume_checkpoint
 
 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
+ROOT_DIR_PLACEHOLDER = "<trainer.default_root_dir>"  # a logger's save_dir that follows the run directory
+
 
 class SelfSupCLI(LightningCLI):
-    """LightningCLI with selfsup's defaults: CSV logs, a rich progress bar, and a ``last.ckpt`` in a
-    fixed ``<default_root_dir>/checkpoints`` so ``--ckpt_path last`` finds it on resume. Checkpoints are
-    written atomically, SIGTERM saves ``last.ckpt`` before exiting, and ``--trainer.sync_batchnorm true``
-    uses a SyncBatchNorm that also runs on CPU (see :mod:`selfsup.reliability`)."""
+    """LightningCLI with selfsup's defaults: one run directory, ``trainer.default_root_dir``, holding the
+    CSV logs, ``config.yaml`` and the checkpoints; a rich progress bar; and one ``last.ckpt`` in
+    ``<default_root_dir>/checkpoints`` that always holds the newest weights (no ``last-vN`` copies after a
+    resume). ``--ckpt_path last`` resumes from the newest complete ``last.ckpt`` or ``hpc_ckpt_N.ckpt``
+    (:func:`selfsup.resume.find_resume_checkpoint`). Checkpoints are written atomically, SIGTERM saves
+    ``last.ckpt`` before exiting, and ``--trainer.sync_batchnorm true`` uses a SyncBatchNorm that also runs
+    on CPU (see :mod:`selfsup.reliability`)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_epochs": 1})
+        # Without the version counter a resumed run writes last.ckpt again instead of last-v1.ckpt: the
+        # counter skips every existing name but the callback's own last_model_path, which a resume from a
+        # checkpoint saved before the first periodic save (SIGTERM, SIGUSR1) does not hold.
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_epochs": 1,
+                             "checkpoint.enable_version_counter": False})
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -41,6 +53,9 @@ class SelfSupCLI(LightningCLI):
         config.trainer.default_root_dir = root
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        config.trainer.logger = loggers_in_run_directory(config.trainer.logger, root)
+        if config.get("ckpt_path") == "last" and "://" not in f"{config.checkpoint.dirpath}{root}":
+            config.ckpt_path = find_resume_checkpoint(config.checkpoint.dirpath, root)  # None: start afresh
 
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})
@@ -60,9 +75,23 @@ class SelfSupCLI(LightningCLI):
         return super()._instantiate_trainer(config, [c for c in callbacks if not isinstance(c, tuple(unwanted))])
 
 
+def loggers_in_run_directory(logger: Any, root: str) -> Any:
+    """The configured logger(s) with ``save_dir`` set to the run directory ``root`` where it is
+    :data:`ROOT_DIR_PLACEHOLDER` or ``None``, so logs land beside the checkpoints. A chosen ``save_dir``
+    stays, and a logger class without a ``save_dir`` argument gets none."""
+    if isinstance(logger, list):
+        return [loggers_in_run_directory(item, root) for item in logger]
+    init_args = logger.get("init_args") if isinstance(logger, (dict, Namespace)) else None
+    if init_args is not None and init_args.get("save_dir", "") in (None, ROOT_DIR_PLACEHOLDER):  # "": no such arg
+        init_args["save_dir"] = root
+    return logger
+
+
 def trainer_defaults() -> dict:
+    """The CSV logger, writing into the run directory (``trainer.default_root_dir``) unless told otherwise."""
     return {
-        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs/default"}},
+        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                   "init_args": {"save_dir": ROOT_DIR_PLACEHOLDER}},
     }
 
 

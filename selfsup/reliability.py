@@ -287,6 +287,11 @@ class PreemptionCheckpoint(L.Callback):
         if not isinstance(exception, SIGTERMException):
             return
         path = preemption_checkpoint_path(trainer)
+        callback = trainer.checkpoint_callback
+        if callback is not None and getattr(callback, "dirpath", None):
+            # The saved ModelCheckpoint state then names this file as its last checkpoint: resumed, the
+            # callback overwrites last.ckpt instead of versioning around it (last-v1.ckpt, last-v2.ckpt...).
+            callback.last_model_path = path
         trainer.save_checkpoint(path)
         rank_zero_info(f"[selfsup] SIGTERM at step {trainer.global_step}: saved {path}; "
                        "resume with --ckpt_path last")

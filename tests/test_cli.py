@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
+from jsonargparse import Namespace
 
-from selfsup.cli import main
-
-TINY = ["--trainer.max_steps", "2", "--data.batch_size", "16", "--data.num_workers", "0",
-        "--data.image_size", "16", "--trainer.limit_val_batches", "2", "--trainer.callbacks",
-        '[{"class_path": "selfsup.eval.callbacks.OnlineLinearProbe"}]',
-        "--model.init_args.proj_hidden_dim", "32", "--trainer.precision", "32", "--trainer.log_every_n_steps", "1"]
-
-
-def fit(tmp_path, *extra: str) -> None:
-    main(["fit", "--config", "recipes/demo/simclr.yaml", *TINY, "--trainer.default_root_dir", str(tmp_path),
-          "--trainer.logger.init_args.save_dir", str(tmp_path), *extra])
+from selfsup.cli import ROOT_DIR_PLACEHOLDER, loggers_in_run_directory
+from tests.helpers.cli import fit
 
 
 def test_demo_recipe_runs_and_writes_last_checkpoint(tmp_path):
@@ -44,17 +37,40 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         assert torch.equal(value, resumed["state_dict"][key]), key
 
 
+def test_one_run_directory_holds_logs_config_and_checkpoints(tmp_path):
+    """Only ``--trainer.default_root_dir`` is set: the default logger follows it."""
+    fit(tmp_path / "run")
+    version = tmp_path / "run" / "lightning_logs" / "version_0"
+    assert (version / "metrics.csv").is_file() and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    saved = yaml.safe_load((version / "config.yaml").read_text())
+    assert saved["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_logger_save_dir_follows_the_run_directory_unless_set():
+    root = "runs/x"
+    csv = Namespace(class_path="CSVLogger", init_args=Namespace(save_dir=ROOT_DIR_PLACEHOLDER))
+    unset = Namespace(class_path="CometLogger", init_args=Namespace(save_dir=None))
+    chosen = Namespace(class_path="TensorBoardLogger", init_args=Namespace(save_dir="runs/tb"))
+    without = Namespace(class_path="NeptuneLogger", init_args=Namespace(project="p"))
+    out = loggers_in_run_directory([csv, unset, chosen, without], root)
+    assert [logger.init_args.get("save_dir") for logger in out] == [root, root, "runs/tb", None]
+    assert "save_dir" not in out[3].init_args, "a logger without a save_dir argument gets none"
+    assert loggers_in_run_directory(False, root) is False
+
+
 def test_wandb_logger_offline_without_a_key(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     fit(tmp_path, "--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
-        "--trainer.logger.init_args.offline", "true", "--trainer.logger.init_args.save_dir", str(tmp_path))
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
+        "--trainer.logger.init_args.offline", "true")
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "a chosen logger also writes into the run directory"
 
 
-def test_tensorboard_logger(tmp_path):
-    fit(tmp_path, "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
-        "--trainer.logger.init_args.save_dir", str(tmp_path))
-    assert list(tmp_path.rglob("events.out.tfevents.*"))
+def test_tensorboard_logger_with_its_own_save_dir(tmp_path):
+    fit(tmp_path / "run", "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "tb"))
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "an explicit save_dir is honoured"
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_unknown_config_key_is_an_error(tmp_path, capsys):

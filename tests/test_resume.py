@@ -7,28 +7,16 @@ both ways a run stops: SIGTERM (the preemption checkpoint is written after the s
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 
 import lightning as L
 import pytest
 import torch
 
+from tests.helpers.interrupt import SigtermAt
 from tests.helpers.methods import METHODS, same_weights, tiny_fit
 
 MAX_STEPS = 8  # 16 images / batch 4 = 4 steps per epoch: the run crosses an epoch boundary
-
-
-class SigtermAt(L.Callback):
-    """Sends this process SIGTERM after training step ``step``, as a cluster preempting the job would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class CrashAt(L.Callback):
@@ -58,6 +46,8 @@ def test_sigterm_and_resume_is_bit_identical(name, tmp_path):
     assert torch.load(last, weights_only=True)["global_step"] == step
     resumed, trainer = tiny_fit(name, tmp_path / "run", MAX_STEPS, ckpt_path=str(last))
     assert trainer.global_step == MAX_STEPS
+    assert torch.load(last, weights_only=True)["global_step"] == MAX_STEPS, "last.ckpt holds the newest weights"
+    assert not list(last.parent.glob("last-v*")), "the resumed run wrote a versioned copy beside last.ckpt"
     assert same_weights(reference, resumed) == []
     assert not same_weights(reference, tiny_fit(name, tmp_path / "short", MAX_STEPS - 1)[0]) == [], \
         "sanity: one step fewer must differ, else the comparison proves nothing"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import timm.optim
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
@@ -283,6 +285,32 @@ class SSLMethod(L.LightningModule):
         self.skipped_images = state.get("skipped_images", self.skipped_images)
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
         self._rng_to_restore = state.get("rng")
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, weights_only: bool | None = True,
+                             **kwargs: Any) -> SSLMethod:
+        """Lightning's ``load_from_checkpoint``, with the encoder rebuilt from the checkpoint's own
+        ``checkpoint["selfsup"]["encoder"]`` config unless ``encoder=`` is given (the encoder is a module,
+        so it is not among the saved hyper-parameters). Reads with ``weights_only=True`` by default."""
+        if "encoder" not in kwargs:
+            if isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path):
+                checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+            elif isinstance(checkpoint_path, (str, os.PathLike)):  # remote: fsspec, as Lightning reads it
+                with get_filesystem(checkpoint_path).open(str(checkpoint_path), "rb") as f:
+                    checkpoint = torch.load(f, map_location="cpu", weights_only=True)
+            else:  # an open file: read it, then leave it where Lightning expects to start
+                start = checkpoint_path.tell()
+                checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+                checkpoint_path.seek(start)
+            config = checkpoint.get("selfsup", {}).get("encoder") if isinstance(checkpoint, dict) else None
+            if config is None:
+                raise ValueError(f"checkpoint {str(checkpoint_path)!r} holds no encoder config "
+                                 "(checkpoint['selfsup']['encoder']), so it was not written by a selfsup method; "
+                                 f"pass encoder=Encoder(...) to {cls.__name__}.load_from_checkpoint")
+            kwargs["encoder"] = Encoder(**config)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=weights_only, **kwargs)
 
 
 def _check(key: str, ok: bool, value: Any, requirement: str) -> None:

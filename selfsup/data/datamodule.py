@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import lightning as L
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -19,59 +22,112 @@ from selfsup.reliability import ignore_termination_in_worker
 log = logging.getLogger(__name__)
 
 
+MAX_REPLACEMENT_ATTEMPTS = 16  # draws for a readable replacement of an unreadable training sample
+
+
 @dataclass
 class Batch:
-    """A batch of views. ``labels`` is -1 where unknown; ``skipped`` counts unreadable files dropped."""
+    """A batch of views. ``labels`` is -1 where unknown; ``skipped`` counts the unreadable files met making
+    it; ``invalid`` counts black placeholders that stand in for samples no readable replacement was found
+    for (the training step of such a batch is skipped on every rank)."""
 
     views: list[Tensor]
     labels: Tensor
     index: Tensor
     skipped: int = 0
+    invalid: int = 0
     meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.index)
 
 
-class ViewDataset(Dataset):
-    """Applies a view transform to a source; an unreadable image becomes ``None`` (a counted skip)."""
+class Sample(NamedTuple):
+    """One item of a :class:`ViewDataset`: ``index`` is the image actually used (a replacement's own)."""
 
-    def __init__(self, images: Dataset, views: ViewTransform, strict: bool = False):
+    views: list[Tensor]
+    label: int
+    index: int
+    skipped: int = 0  # unreadable files met while making this sample
+    invalid: bool = False  # a placeholder: every draw was unreadable
+
+
+def replacement_index(seed: int, attempt: int, num_images: int) -> int:
+    """The image that stands in for an unreadable training sample at ``attempt`` (1, 2, ...).
+
+    A function of ``(seed, attempt)`` and the dataset size only, so every worker, rank and resumed run
+    draws the same replacement (the string seed is hashed with SHA-512: stable across processes)."""
+    return random.Random(f"selfsup-replacement:{seed}:{attempt}").randrange(num_images)
+
+
+class ViewDataset(Dataset):
+    """Applies a view transform to a source, deciding what an unreadable image becomes.
+
+    A training item ``(index, seed)`` is replaced by a readable image drawn from its seed (up to
+    :data:`MAX_REPLACEMENT_ATTEMPTS` draws), else by a black placeholder marked invalid, so a batch
+    never changes size (every rank must gather batches of one size). An eval item (a bare index)
+    becomes ``None``, dropped and counted by :func:`collate_views`: replacing a test image would
+    change the test set. ``strict`` raises at the first unreadable file instead.
+    """
+
+    def __init__(self, images: Dataset, views: ViewTransform, strict: bool = False, placeholder_size: int = 32):
         self.images, self.views, self.strict = images, views, strict
+        self.placeholder_size = placeholder_size
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, item: int | tuple[int, int]):
+    def __getitem__(self, item: int | tuple[int, int]) -> Sample | None:
         """``item`` is an index, or ``(index, seed)``: then the views are drawn from that seed alone, so
         they do not depend on the worker, the rank or a resume (see :mod:`selfsup.data.sampling`)."""
-        index, seed = item if isinstance(item, tuple) else (item, None)
+        if not isinstance(item, tuple):
+            read = self._read(item)
+            return None if read is None else Sample(self.views(read[0]), read[1], item)
+        return self.training_sample(*item)
+
+    def training_sample(self, index: int, seed: int) -> Sample:
+        """The sample for ``(index, seed)``: the image itself, a seeded replacement, or a placeholder."""
+        for attempt in range(MAX_REPLACEMENT_ATTEMPTS + 1):
+            real = index if attempt == 0 else replacement_index(seed, attempt, len(self.images))
+            read = self._read(real)
+            if read is not None:
+                return Sample(self._seeded_views(read[0], seed), read[1], real, skipped=attempt)
+        log.warning("sample %d: the image and %d replacement draws were all unreadable; a black placeholder "
+                    "keeps the batch size and the step is skipped", index, MAX_REPLACEMENT_ATTEMPTS)
+        placeholder = Image.new("RGB", (self.placeholder_size, self.placeholder_size))
+        return Sample(self._seeded_views(placeholder, seed), -1, index, MAX_REPLACEMENT_ATTEMPTS + 1, True)
+
+    def _read(self, index: int) -> tuple | None:
+        """``(image, label)``, or ``None`` (with a warning) for an unreadable file unless strict."""
         try:
-            image, label = self.images[index]
+            return self.images[index]
         except UnreadableImage as err:
             if self.strict:
                 raise
             log.warning("skipping unreadable image: %s", err)
             return None
-        if seed is None:
-            return self.views(image), label, index
+
+    def _seeded_views(self, image: object, seed: int) -> list[Tensor]:
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only: torch.manual_seed also seeds every accelerator backend and costs
             # ~150 us per sample, as much as the whole MAE augmentation
             torch.default_generator.manual_seed(seed)
-            return self.views(image), label, index
+            return self.views(image)
 
 
 def collate_views(samples: list) -> Batch:
-    """Stack views of the readable samples; count the unreadable ones."""
-    good = [s for s in samples if s is not None]
-    skipped = len(samples) - len(good)
+    """Stack the views of the samples; ``None`` (a dropped eval image) and ``Sample.skipped`` are counted.
+    Plain ``(views, label, index)`` tuples are accepted too."""
+    good = [Sample(*s) for s in samples if s is not None]
+    skipped = len(samples) - len(good) + sum(s.skipped for s in good)
+    invalid = sum(s.invalid for s in good)
     if not good:
         return Batch(views=[], labels=torch.empty(0, dtype=torch.long), index=torch.empty(0, dtype=torch.long),
                      skipped=skipped)
-    views = [torch.stack([s[0][v] for s in good]) for v in range(len(good[0][0]))]
-    labels = torch.tensor([s[1] for s in good], dtype=torch.long)
-    return Batch(views=views, labels=labels, index=torch.tensor([s[2] for s in good]), skipped=skipped)
+    views = [torch.stack([s.views[v] for s in good]) for v in range(len(good[0].views))]
+    labels = torch.tensor([s.label for s in good], dtype=torch.long)
+    return Batch(views=views, labels=labels, index=torch.tensor([s.index for s in good]), skipped=skipped,
+                 invalid=invalid)
 
 
 class SSLDataModule(L.LightningDataModule):
@@ -86,7 +142,7 @@ class SSLDataModule(L.LightningDataModule):
         image_size, mean, std, crop_pct, interpolation: the preprocessing, saved into checkpoints.
             ``mean``/``std`` default to the dataset's own statistics.
         batch_size: per device. The global batch is ``batch_size * devices * nodes * accumulation``.
-        strict_images: raise on an unreadable image instead of skipping and counting it.
+        strict_images: raise on an unreadable image instead of replacing (training) or dropping (eval) it.
         seed: the data order and augmentation seed; ``None`` takes ``seed_everything``'s (else 0).
     """
 
@@ -144,7 +200,7 @@ class SSLDataModule(L.LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        train = ViewDataset(self.split("train"), self.views, self.strict_images)
+        train = ViewDataset(self.split("train"), self.views, self.strict_images, self.preprocessing.image_size)
         if self.drop_last and len(train) < self.batch_size:
             raise ValueError(f"the training set has {len(train)} images, fewer than data.batch_size="
                              f"{self.batch_size}; lower the batch size or set data.drop_last=false")

@@ -93,7 +93,7 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
         self.skipped_steps = 0
         self.consecutive = 0
-        self.requested_skips = 0  # steps skipped because a rank asked to (e.g. a batch with placeholders)
+        self.requested_skips = 0  # steps a rank asked to skip (placeholders); this process's count, not saved
 
     def check_loss(self, terms: dict[str, Tensor], step: int, device: torch.device,
                    skip_request: str | None = None) -> str | None:
@@ -139,12 +139,10 @@ class NonFiniteGuard:
         return reason
 
     def state_dict(self) -> dict[str, int]:
-        return {"skipped_steps": self.skipped_steps, "consecutive": self.consecutive,
-                "requested_skips": self.requested_skips}
+        return {"skipped_steps": self.skipped_steps, "consecutive": self.consecutive}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped_steps, self.consecutive = state.get("skipped_steps", 0), state.get("consecutive", 0)
-        self.requested_skips = state.get("requested_skips", 0)
 
 
 def check_some_images_decoded(decoded: int, skipped: int, device: torch.device | str = "cpu") -> None:

@@ -9,6 +9,7 @@ Eval items (no seed) are still dropped and counted.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,6 @@ def test_replacement_index_depends_only_on_seed_and_attempt():
     first = [replacement_index(SEED, attempt, 1000) for attempt in range(1, MAX_REPLACEMENT_ATTEMPTS + 1)]
     torch.manual_seed(99)
     np.random.seed(99)
-    import random
     random.seed(99)
     assert [replacement_index(SEED, a, 1000) for a in range(1, MAX_REPLACEMENT_ATTEMPTS + 1)] == first
     assert len(set(first)) > MAX_REPLACEMENT_ATTEMPTS // 2, "attempts draw different images"
@@ -84,7 +84,7 @@ def test_an_unreadable_sample_is_replaced_by_its_own_label_index_and_pixels():
         bad_reads = [i for i in images.reads if i in images.bad]
         assert sample.skipped == len(bad_reads), "every unreadable file met is counted"
         assert not sample.invalid and sample.index not in images.bad
-        assert sample.index == index if index not in images.bad else images.reads[-1] == sample.index
+        assert sample.index == (index if index not in images.bad else images.reads[-1]), "the image read last"
         assert sample.label == 100 + sample.index, "the label belongs to the image used"
         assert (sample.views[0][0] == sample.index).all(), "the pixels are the replacement's"
 
@@ -234,7 +234,8 @@ def test_a_placeholder_batch_runs_the_loss_then_skips_the_step_and_training_goes
     assert recorder.seen == [4, 0, 0], "the placeholder batch still ran training_loss (and its collectives)"
     changed = [k for k in recorder.before[0] if not torch.equal(recorder.before[0][k], recorder.after[0][k])]
     assert changed == [], f"the skipped step changed {changed[:3]}"
-    moved = [k for k, v in recorder.before[1].items() if v.is_floating_point() and not torch.equal(v, recorder.after[1][k])]
+    moved = [k for k, v in recorder.before[1].items()
+             if v.is_floating_point() and not torch.equal(v, recorder.after[1][k])]
     assert moved, "the next good step trains"
     assert method.nonfinite.requested_skips == 1 and method.nonfinite.skipped_steps == 0
     assert method.nonfinite.consecutive == 0, "not counted as a non-finite step (max_consecutive_nonfinite=1)"

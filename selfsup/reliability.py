@@ -41,11 +41,16 @@ class CorruptCheckpointError(RuntimeError):
 # -- non-finite guard ------------------------------------------------------------------------------
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True if ``flag`` is true on any rank, so every rank takes the same branch (skip or step)."""
+    return any_ranks([flag], device)[0]
+
+
+def any_ranks(flags: list[bool], device: torch.device | str = "cpu") -> list[bool]:
+    """For each flag, whether it is true on any rank: several agreements in one all-reduce."""
     if not is_distributed():
-        return flag
-    value = torch.tensor([float(flag)], device=device)
+        return list(flags)
+    value = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return [bool(v) for v in value.tolist()]
 
 
 def nonfinite_terms(terms: dict[str, Tensor]) -> list[str]:
@@ -88,11 +93,24 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
         self.skipped_steps = 0
         self.consecutive = 0
+        self.requested_skips = 0  # steps a rank asked to skip (placeholders); this process's count, not saved
 
-    def check_loss(self, terms: dict[str, Tensor], step: int, device: torch.device) -> str | None:
-        """The reason to skip this step's loss, agreed across ranks, or ``None`` to go ahead."""
+    def check_loss(self, terms: dict[str, Tensor], step: int, device: torch.device,
+                   skip_request: str | None = None) -> str | None:
+        """The reason to skip this step's loss, agreed across ranks, or ``None`` to go ahead.
+
+        ``skip_request`` is this rank's own reason to skip (e.g. its batch holds placeholders); it joins
+        the same all-reduce, so every rank skips together. Such a step wins over a non-finite loss (its
+        loss is not meaningful), is counted in ``requested_skips`` and neither counts towards nor resets
+        the run of consecutive non-finite steps."""
         bad = nonfinite_terms(terms)
-        if not any_rank(bool(bad), device):
+        nonfinite, requested = any_ranks([bool(bad), skip_request is not None], device)
+        if requested:
+            self.requested_skips += 1
+            reason = f"{skip_request or 'another rank asked to skip'} at step {step}"
+            log.warning("skipping step: %s (%d such steps so far)", reason, self.requested_skips)
+            return reason
+        if not nonfinite:
             return None
         values = ", ".join(f"{k}={terms[k].item()}" for k in bad) or "on another rank"
         return self._skip(f"non-finite loss term(s) {values} at step {step}")

@@ -4,89 +4,151 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import lightning as L
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from selfsup.data.datasets import UnreadableImage, source
+from selfsup.data.datasets import ImageFolder, UnreadableImage, source
 from selfsup.data.sampling import ResumableLoader, ResumableSampler
 from selfsup.data.transforms import ContrastiveViews, EvalView, Preprocessing, ViewTransform
 from selfsup.reliability import ignore_termination_in_worker
 
 log = logging.getLogger(__name__)
+SPLITS = ("train", "probe_train", "test")  # pretraining, labelled probe-train, labelled test
+
+
+MAX_REPLACEMENT_ATTEMPTS = 16  # draws for a readable replacement of an unreadable training sample
 
 
 @dataclass
 class Batch:
-    """A batch of views. ``labels`` is -1 where unknown; ``skipped`` counts unreadable files dropped."""
+    """A batch of views. ``labels`` is -1 where unknown; ``skipped`` counts the unreadable files met making
+    it; ``invalid`` counts black placeholders that stand in for samples no readable replacement was found
+    for (the training step of such a batch is skipped on every rank)."""
 
     views: list[Tensor]
     labels: Tensor
     index: Tensor
     skipped: int = 0
+    invalid: int = 0
     meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.index)
 
 
-class ViewDataset(Dataset):
-    """Applies a view transform to a source; an unreadable image becomes ``None`` (a counted skip)."""
+class Sample(NamedTuple):
+    """One item of a :class:`ViewDataset`: ``index`` is the image actually used (a replacement's own)."""
 
-    def __init__(self, images: Dataset, views: ViewTransform, strict: bool = False):
+    views: list[Tensor]
+    label: int
+    index: int
+    skipped: int = 0  # unreadable files met while making this sample
+    invalid: bool = False  # a placeholder: every draw was unreadable
+
+
+def replacement_index(seed: int, attempt: int, num_images: int) -> int:
+    """The image that stands in for an unreadable training sample at ``attempt`` (1, 2, ...).
+
+    A function of ``(seed, attempt)`` and the dataset size only, so every worker, rank and resumed run
+    draws the same replacement (the string seed is hashed with SHA-512: stable across processes)."""
+    return random.Random(f"selfsup-replacement:{seed}:{attempt}").randrange(num_images)
+
+
+class ViewDataset(Dataset):
+    """Applies a view transform to a source, deciding what an unreadable image becomes.
+
+    A training item ``(index, seed)`` is replaced by a readable image drawn from its seed (up to
+    :data:`MAX_REPLACEMENT_ATTEMPTS` draws), else by a black placeholder marked invalid, so a batch
+    never changes size (every rank must gather batches of one size). An eval item (a bare index)
+    becomes ``None``, dropped and counted by :func:`collate_views`: replacing a test image would
+    change the test set. ``strict`` raises at the first unreadable file instead.
+    """
+
+    def __init__(self, images: Dataset, views: ViewTransform, strict: bool = False, placeholder_size: int = 32):
         self.images, self.views, self.strict = images, views, strict
+        self.placeholder_size = placeholder_size
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, item: int | tuple[int, int]):
+    def __getitem__(self, item: int | tuple[int, int]) -> Sample | None:
         """``item`` is an index, or ``(index, seed)``: then the views are drawn from that seed alone, so
         they do not depend on the worker, the rank or a resume (see :mod:`selfsup.data.sampling`)."""
-        index, seed = item if isinstance(item, tuple) else (item, None)
+        if not isinstance(item, tuple):
+            read = self._read(item)
+            return None if read is None else Sample(self.views(read[0]), read[1], item)
+        return self.training_sample(*item)
+
+    def training_sample(self, index: int, seed: int) -> Sample:
+        """The sample for ``(index, seed)``: the image itself, a seeded replacement, or a placeholder."""
+        for attempt in range(MAX_REPLACEMENT_ATTEMPTS + 1):
+            real = index if attempt == 0 else replacement_index(seed, attempt, len(self.images))
+            read = self._read(real)
+            if read is not None:
+                return Sample(self._seeded_views(read[0], seed), read[1], real, skipped=attempt)
+        log.warning("sample %d: the image and %d replacement draws were all unreadable; a black placeholder "
+                    "keeps the batch size and the step is skipped", index, MAX_REPLACEMENT_ATTEMPTS)
+        placeholder = Image.new("RGB", (self.placeholder_size, self.placeholder_size))
+        return Sample(self._seeded_views(placeholder, seed), -1, index, MAX_REPLACEMENT_ATTEMPTS + 1, True)
+
+    def _read(self, index: int) -> tuple | None:
+        """``(image, label)``, or ``None`` (with a warning) for an unreadable file unless strict."""
         try:
-            image, label = self.images[index]
+            return self.images[index]
         except UnreadableImage as err:
             if self.strict:
                 raise
             log.warning("skipping unreadable image: %s", err)
             return None
-        if seed is None:
-            return self.views(image), label, index
+
+    def _seeded_views(self, image: object, seed: int) -> list[Tensor]:
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only: torch.manual_seed also seeds every accelerator backend and costs
             # ~150 us per sample, as much as the whole MAE augmentation
             torch.default_generator.manual_seed(seed)
-            return self.views(image), label, index
+            return self.views(image)
 
 
 def collate_views(samples: list) -> Batch:
-    """Stack views of the readable samples; count the unreadable ones."""
-    good = [s for s in samples if s is not None]
-    skipped = len(samples) - len(good)
+    """Stack the views of the samples; ``None`` (a dropped eval image) and ``Sample.skipped`` are counted.
+    Plain ``(views, label, index)`` tuples are accepted too."""
+    good = [Sample(*s) for s in samples if s is not None]
+    skipped = len(samples) - len(good) + sum(s.skipped for s in good)
+    invalid = sum(s.invalid for s in good)
     if not good:
         return Batch(views=[], labels=torch.empty(0, dtype=torch.long), index=torch.empty(0, dtype=torch.long),
                      skipped=skipped)
-    views = [torch.stack([s[0][v] for s in good]) for v in range(len(good[0][0]))]
-    labels = torch.tensor([s[1] for s in good], dtype=torch.long)
-    return Batch(views=views, labels=labels, index=torch.tensor([s[2] for s in good]), skipped=skipped)
+    views = [torch.stack([s.views[v] for s in good]) for v in range(len(good[0].views))]
+    labels = torch.tensor([s.label for s in good], dtype=torch.long)
+    return Batch(views=views, labels=labels, index=torch.tensor([s.index for s in good]), skipped=skipped,
+                 invalid=invalid)
 
 
 class SSLDataModule(L.LightningDataModule):
-    """Pretraining views from ``dataset`` and, when it has labels, labelled train/test splits for probes.
+    """Pretraining views from ``dataset`` and, when it has them, labelled probe-train/test splits for probes.
+
+    Pretraining may read unlabeled images (STL-10's ``train+unlabeled``, a flat folder); probes read the
+    labelled probe-train split (STL-10's ``train``, ``probe_train_root``) and the labelled test split.
 
     Args:
         dataset: a registered source: ``fashion_mnist_embedded`` (shipped), ``fashion_mnist`` (IDX files),
             ``folder`` (image folder), ``cifar10``, ``cifar100`` or ``stl10``.
-        root: where the files are (not needed for the embedded set).
-        test_root: for ``folder``: a labelled folder to probe on.
+        root: where the files are (not needed for the embedded set); for ``folder``, the pretraining images.
+        test_root: for ``folder``: a labelled folder (``<class>/<image>``) to probe on.
+        probe_train_root: for ``folder``: a labelled folder to fit probes on; default ``root`` itself
+            when it has class sub-folders (a flat ``root`` then has no probes).
         views: how an image becomes views; default two SimCLR views.
         image_size, mean, std, crop_pct, interpolation: the preprocessing, saved into checkpoints.
             ``mean``/``std`` default to the dataset's own statistics.
         batch_size: per device. The global batch is ``batch_size * devices * nodes * accumulation``.
-        strict_images: raise on an unreadable image instead of skipping and counting it.
+        strict_images: raise on an unreadable image instead of replacing (training) or dropping (eval) it.
         seed: the data order and augmentation seed; ``None`` takes ``seed_everything``'s (else 0).
     """
 
@@ -95,15 +157,20 @@ class SSLDataModule(L.LightningDataModule):
                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                  crop_pct: float = 1.0, interpolation: str = "bilinear", batch_size: int = 256,
                  eval_batch_size: int = 512, num_workers: int = 2, strict_images: bool = False,
-                 drop_last: bool = True, seed: int | None = None):
+                 drop_last: bool = True, seed: int | None = None, probe_train_root: str | None = None):
         super().__init__()
+        self.save_hyperparameters(ignore=["views"])  # in checkpoints: `selfsup eval` rebuilds the splits from them
         self.seed = seed
         self.spec = source(dataset)
         if batch_size <= 0:
             raise ValueError(f"data.batch_size={batch_size} must be a positive integer")
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+        if probe_train_root is not None and dataset != "folder":
+            raise ValueError(f"data.probe_train_root={probe_train_root!r} is only for dataset 'folder'; "
+                             f"{dataset!r} brings its own probe-train split: remove it")
         self.dataset, self.root, self.test_root = dataset, root, test_root
+        self.probe_train_root = probe_train_root
         self.preprocessing = Preprocessing(image_size=image_size, mean=mean or self.spec.info.mean,
                                            std=std or self.spec.info.std, crop_pct=crop_pct,
                                            interpolation=interpolation)
@@ -115,28 +182,59 @@ class SSLDataModule(L.LightningDataModule):
 
     # -- sources -------------------------------------------------------------------------------
     def split(self, which: str) -> Dataset | None:
-        """The raw source for ``"train"`` or ``"test"`` (``None`` when the dataset has no such split)."""
+        """The raw source for ``"train"`` (pretraining), ``"probe_train"`` (labelled, for probes) or
+        ``"test"`` (labelled); ``None`` when the dataset has no such split."""
+        if which not in SPLITS:
+            raise ValueError(f"split {which!r} is not one of {SPLITS}")
         if which not in self._sources:
-            train_split, test_split = self.spec.splits
-            if which == "train":
-                self._sources[which] = self.spec.build(train_split, root=self.root)
-            elif self.dataset == "folder":
-                self._sources[which] = self.spec.build("test", root=self.test_root) if self.test_root else None
-            else:
-                self._sources[which] = self.spec.build(test_split, root=self.root) if test_split else None
+            self._sources[which] = self._folder_split(which) if self.dataset == "folder" else self._spec_split(which)
         return self._sources[which]
+
+    def _spec_split(self, which: str) -> Dataset | None:
+        name = dict(zip(SPLITS, self.spec.splits))[which]
+        if name is None:
+            return None
+        if which != "train" and name == self.spec.splits[0]:
+            return self.split("train")  # one split serves both (CIFAR's train): read it once
+        return self.spec.build(name, root=self.root)
+
+    def _folder_split(self, which: str) -> Dataset | None:
+        if which == "train":
+            return self.spec.build("train", root=self.root)
+        if which == "probe_train":
+            if self.probe_train_root is not None:
+                return ImageFolder(self.probe_train_root, labelled=True)
+            train = self.split("train")
+            return train if getattr(train, "classes", None) else None
+        if self.test_root is None:
+            return None
+        probe_train = self.split("probe_train")
+        return self.spec.build("test", root=self.test_root, classes=getattr(probe_train, "classes", None))
 
     @property
     def has_labels(self) -> bool:
-        """Whether probes can run: a labelled test split exists."""
-        return self.split("test") is not None
+        """Whether probes can run: both a labelled probe-train split and a labelled test split exist."""
+        return self.split("probe_train") is not None and self.split("test") is not None
+
+    @property
+    def probe_unavailable_reason(self) -> str | None:
+        """Why probes cannot run, in one line for callbacks to print when they skip (``None``: they can)."""
+        missing = []
+        if self.split("probe_train") is None:
+            missing.append("data.root is a flat folder without class sub-folders; set data.probe_train_root to a "
+                           "labelled folder" if self.dataset == "folder" else
+                           f"dataset {self.dataset!r} has no labelled probe-train split")
+        if self.split("test") is None:
+            missing.append("no labelled test split; set data.test_root to a labelled folder"
+                           if self.dataset == "folder" else f"dataset {self.dataset!r} has no labelled test split")
+        return "probes skipped: " + "; ".join(missing) if missing else None
 
     @property
     def num_classes(self) -> int | None:
-        """Number of classes of the labelled splits, or ``None`` without labels."""
+        """Number of classes of the probe-train split, or ``None`` without labelled splits."""
         if not self.has_labels:
             return None
-        classes = getattr(self.split("test"), "classes", None)
+        classes = getattr(self.split("probe_train"), "classes", None)
         return len(classes) if classes else self.spec.info.num_classes
 
     def setup(self, stage: str | None = None) -> None:
@@ -144,7 +242,7 @@ class SSLDataModule(L.LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        train = ViewDataset(self.split("train"), self.views, self.strict_images)
+        train = ViewDataset(self.split("train"), self.views, self.strict_images, self.preprocessing.image_size)
         if self.drop_last and len(train) < self.batch_size:
             raise ValueError(f"the training set has {len(train)} images, fewer than data.batch_size="
                              f"{self.batch_size}; lower the batch size or set data.drop_last=false")
@@ -170,10 +268,15 @@ class SSLDataModule(L.LightningDataModule):
         return self.probe_dataloader("test") if self.has_labels else []
 
     def probe_dataloader(self, which: str) -> DataLoader:
-        """A labelled split (``"train"`` or ``"test"``) with the deterministic eval transform."""
-        images = self.split(which)
-        if images is None:
-            raise ValueError(f"dataset {self.dataset!r} has no labelled {which} split to probe on")
+        """``"train"``: the labelled probe-train split; ``"test"``: the labelled test split; with the
+        deterministic eval transform. Without a labelled probe-train split, ``"train"`` gives the
+        pretraining images (labels -1) for callbacks that need only images (reconstructions,
+        BatchNorm recalibration); ``"test"`` needs both labelled splits, so a probe never fits on -1."""
+        if which not in ("train", "test"):
+            raise ValueError(f"probe_dataloader({which!r}): use 'train' or 'test'")
+        if which == "test" and not self.has_labels:
+            raise ValueError(f"dataset {self.dataset!r} cannot be probed: {self.probe_unavailable_reason}")
+        images = self.split("test" if which == "test" else "probe_train") or self.split("train")
         view = EvalView()
         view.bind(self.preprocessing)
         dataset = ViewDataset(images, view, self.strict_images)

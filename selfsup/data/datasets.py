@@ -109,18 +109,28 @@ class ImageFolder(Dataset):
     """Images in a folder: labelled by sub-folder (``root/<class>/x.jpg``) or unlabeled (flat).
 
     Files are found by extension. Decoding happens lazily; a file that fails to decode raises
-    :class:`UnreadableImage` so the pipeline can skip and count it.
+    :class:`UnreadableImage` so the pipeline can skip and count it. ``classes`` fixes the class list
+    (and so the label of each sub-folder), e.g. a test split labelled with its probe-train split's
+    classes: a class folder missing here keeps the others' labels; an unknown one is an error.
     """
 
-    def __init__(self, root: str | os.PathLike, labelled: bool | None = None):
+    def __init__(self, root: str | os.PathLike, labelled: bool | None = None, classes: list[str] | None = None):
         self.root = _existing_dir(root, "folder")
         subdirs = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        labelled = bool(subdirs) if labelled is None else labelled
+        labelled = classes is not None or (bool(subdirs) if labelled is None else labelled)
         if labelled and not subdirs:
-            raise ValueError(f"{self.root} has no class sub-folders; pass labelled=False for a flat folder")
-        self.classes = subdirs if labelled else []
+            raise ValueError(f"{self.root} has no class sub-folders (<root>/<class>/<image>); a labelled split "
+                             "needs them (pass labelled=False for a flat, unlabeled folder)")
+        if classes is not None:
+            unknown = [d for d in subdirs if d not in classes]
+            if unknown:
+                raise ValueError(f"{self.root} has class folder(s) {unknown} that the probe-train split does not "
+                                 f"have; its classes are {list(classes)}: rename or remove those folders")
+        self.classes = list(classes) if classes is not None else subdirs if labelled else []
         files: list[tuple[str, int]] = []
         for label, sub in enumerate(self.classes or [""]):
+            if not (self.root / sub).is_dir():
+                continue  # a class absent from this split
             for dirpath, _, names in sorted(os.walk(self.root / sub, followlinks=True)):
                 files += [(os.path.join(dirpath, n), label if labelled else -1)
                           for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
@@ -175,23 +185,41 @@ def torchvision_dataset(name: str) -> Callable[..., Dataset]:
     return build
 
 
+def image_folder(split: str, root: str | None = None, classes: list[str] | None = None) -> ImageFolder:
+    """The ``folder`` source: every split is a folder of its own (the data module picks the root)."""
+    return ImageFolder(root, classes=classes)
+
+
 @dataclass(frozen=True)
 class SourceSpec:
+    """A registered source: how to build a split, its statistics, and which split serves which purpose.
+
+    ``splits`` is ``(pretraining split, labelled probe-train split or None, labelled test split or None)``.
+    """
+
     build: Callable[..., Dataset]
     info: SourceInfo
-    splits: tuple[str, str | None]  # (pretraining split, labelled test split)
+    splits: tuple[str, str | None, str | None]
+
+    def __post_init__(self) -> None:
+        if len(self.splits) != 3:
+            raise ValueError(f"SourceSpec.splits={self.splits!r} must be (pretraining split, labelled probe-train "
+                             "split or None, labelled test split or None), e.g. ('train', 'train', 'test')")
 
 
+LABELLED = ("train", "train", "test")
 SOURCES: dict[str, SourceSpec] = {
-    "fashion_mnist_embedded": SourceSpec(embedded_fashion_mnist, FASHION_MNIST_INFO, ("train", "test")),
-    "fashion_mnist": SourceSpec(fashion_mnist, FASHION_MNIST_INFO, ("train", "test")),
+    "fashion_mnist_embedded": SourceSpec(embedded_fashion_mnist, FASHION_MNIST_INFO, LABELLED),
+    "fashion_mnist": SourceSpec(fashion_mnist, FASHION_MNIST_INFO, LABELLED),
     "cifar10": SourceSpec(torchvision_dataset("cifar10"),
-                          SourceInfo((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10), ("train", "test")),
+                          SourceInfo((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10), LABELLED),
     "cifar100": SourceSpec(torchvision_dataset("cifar100"),
-                           SourceInfo((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100), ("train", "test")),
+                           SourceInfo((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100), LABELLED),
+    # pretrain on the 5k labelled + 100k unlabeled images; probe on the 5k labelled ones only
     "stl10": SourceSpec(torchvision_dataset("stl10"),
-                        SourceInfo((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 10), ("train+unlabeled", "test")),
-    "folder": SourceSpec(lambda split, root=None: ImageFolder(root), SourceInfo(), ("train", None)),
+                        SourceInfo((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 10),
+                        ("train+unlabeled", "train", "test")),
+    "folder": SourceSpec(image_folder, SourceInfo(), LABELLED),  # roots: data.root, probe_train_root, test_root
 }
 
 

@@ -60,7 +60,8 @@ def build_data(checkpoint: dict[str, Any], preprocessing: Preprocessing, args: a
     same_source = args.data is None or args.data == stored.get("dataset")
     root = args.data_root or (stored.get("root") if same_source else None)
     test_root = args.test_root or (stored.get("test_root") if same_source else None)
-    datamodule = SSLDataModule(dataset=dataset, root=root, test_root=test_root,
+    probe_train_root = args.probe_train_root or (stored.get("probe_train_root") if same_source else None)
+    datamodule = SSLDataModule(dataset=dataset, root=root, test_root=test_root, probe_train_root=probe_train_root,
                                image_size=preprocessing.image_size, mean=preprocessing.mean, std=preprocessing.std,
                                crop_pct=preprocessing.crop_pct, interpolation=preprocessing.interpolation,
                                eval_batch_size=args.batch_size, num_workers=args.num_workers)
@@ -114,6 +115,8 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="dataset source (default: the checkpoint's, else fashion_mnist_embedded)")
     parser.add_argument("--data-root", help="where the dataset files are")
     parser.add_argument("--test-root", help="for --data folder: the labelled test folder")
+    parser.add_argument("--probe-train-root", help="for --data folder: the labelled folder probes fit on "
+                        "(default: the checkpoint's, else --data-root when it has class sub-folders)")
     parser.add_argument("--train-size", type=int, help="score on a fixed random subset of the train split")
     parser.add_argument("--test-size", type=int, help="score on a fixed random subset of the test split")
     parser.add_argument("--out", help="output folder (default: <run>/scorecard next to the checkpoints folder)")

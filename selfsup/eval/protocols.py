@@ -73,12 +73,15 @@ class EvalData:
     @classmethod
     def from_datamodule(cls, datamodule: Any, train_size: int | None = None, test_size: int | None = None,
                         seed: int = 0, preprocessing: Preprocessing | None = None) -> EvalData:
-        """The data module's labelled splits, optionally a fixed random subset of each."""
-        train, test = datamodule.split("train"), datamodule.split("test")
-        if test is None:
-            raise ValueError(f"dataset {datamodule.dataset!r} has no labelled test split to score on")
-        classes = list(getattr(test, "classes", None) or map(str, range(datamodule.num_classes)))
+        """The data module's labelled probe-train and test splits, optionally a fixed random subset of each
+        (never the pretraining split, whose labels may be -1: STL-10's unlabeled images, a flat folder)."""
+        train, test = datamodule.split("probe_train"), datamodule.split("test")
+        if train is None or test is None:
+            raise ValueError(f"dataset {datamodule.dataset!r} has no labelled probe-train and test splits to score "
+                             f"on: {datamodule.probe_unavailable_reason}")
+        classes = list(getattr(train, "classes", None) or map(str, range(datamodule.num_classes)))
         identity = {"dataset": datamodule.dataset, "root": datamodule.root, "test_root": datamodule.test_root,
+                    "probe_train_root": getattr(datamodule, "probe_train_root", None),
                     "train_size": train_size, "test_size": test_size, "seed": seed}
         return cls(subset(train, train_size, seed), subset(test, test_size, seed),
                    preprocessing or datamodule.preprocessing, classes, identity,

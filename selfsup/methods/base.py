@@ -167,13 +167,7 @@ class SSLMethod(L.LightningModule):
             self.preprocessing = datamodule.preprocessing.as_dict()
 
     def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Any] | None:
-        self.skipped_images += batch.skipped
-        if batch.skipped:
-            self.log("data/skipped_images", float(self.skipped_images), batch_size=max(1, len(batch)))
-        self._images_this_epoch += len(batch)
-        self._skipped_this_epoch += batch.skipped
-        if len(batch) == 0:
-            return None
+        self._count_images(batch)
         terms = self._guarded_loss(batch)
         if terms is None:
             return None
@@ -182,19 +176,35 @@ class SSLMethod(L.LightningModule):
         self.log("loss", terms["loss"].detach(), prog_bar=True, logger=False, batch_size=len(batch))
         return {"loss": terms["loss"], "features": terms.get("features")}
 
+    def _count_images(self, batch: Batch) -> None:
+        """Count unreadable files met and images decoded (placeholders are not decoded images)."""
+        self.skipped_images += batch.skipped
+        if batch.skipped:
+            self.log("data/skipped_images", float(self.skipped_images), batch_size=max(1, len(batch)))
+        self._images_this_epoch += len(batch) - batch.invalid
+        self._skipped_this_epoch += batch.skipped
+
     def _guarded_loss(self, batch: Batch) -> dict[str, Tensor] | None:
-        """``training_loss``, or ``None`` (a skipped, counted step) when any rank's loss is not finite."""
+        """``training_loss``, or ``None`` (a skipped, counted step) when any rank's loss is not finite or
+        any rank's batch holds placeholders. ``training_loss`` runs either way, so every rank runs the
+        collectives inside it; one all-reduce then decides for all ranks."""
         self._norm_statistics = reliability.snapshot_norm_statistics(self)
         try:
             terms = self.training_loss(batch)
         except FloatingPointError as err:  # a method's own finiteness check names the term
             terms = {f"loss ({err})": torch.tensor(float("nan"), device=self.device)}
-        reason = self.nonfinite.check_loss(terms, self.global_step, self.device)
+        request = (f"{batch.invalid} of {len(batch)} samples of a batch are placeholders for unreadable images "
+                   "(no readable replacement found)") if batch.invalid else None
+        requested_before = self.nonfinite.requested_skips
+        reason = self.nonfinite.check_loss(terms, self.global_step, self.device, skip_request=request)
         if reason is None:
             return terms
         self._step_skipped = True
         reliability.restore_norm_statistics(self._norm_statistics)
-        self.log("train/skipped_steps", float(self.nonfinite.skipped_steps), batch_size=len(batch))
+        if self.nonfinite.requested_skips > requested_before:
+            self.log("train/requested_skips", float(self.nonfinite.requested_skips), batch_size=max(1, len(batch)))
+        else:
+            self.log("train/skipped_steps", float(self.nonfinite.skipped_steps), batch_size=max(1, len(batch)))
         return None
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:

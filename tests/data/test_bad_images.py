@@ -1,4 +1,4 @@
-"""Broken and unusual image files: each is decoded, or skipped and counted; a run over them finishes.
+"""Broken and unusual image files: each is decoded, or replaced and counted; a run over them finishes.
 
 Cases (the issue's list and a few more): truncated JPEG and PNG, zero-byte files, text named .jpg,
 CMYK, RGBA, LA, palette, 1-bit, 16-bit and float grayscale, 1x1 and smaller-than-crop images, extreme
@@ -13,11 +13,13 @@ import logging
 import os
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from selfsup.data.datamodule import MAX_REPLACEMENT_ATTEMPTS
 from selfsup.data.datasets import UnreadableImage, load_image
 from selfsup.data.transforms import ContrastiveViews, Preprocessing
 from selfsup.reliability import check_some_images_decoded, report_skips
@@ -110,17 +112,45 @@ def _fuzz_folder(folder: Path, count: int, seed: int = 0) -> int:
     return sum(not write_case(folder, f"{i:03d}", kind, rng) for i, kind in enumerate(kinds))
 
 
+def _record_failed_decodes(monkeypatch, log_file: Path) -> None:
+    """Append the path of each failed decode to ``log_file`` (forked loader workers inherit the patch)."""
+    from selfsup.data import datasets
+
+    original = datasets.load_image
+
+    def load_image(path: str):
+        try:
+            return original(path)
+        except UnreadableImage:
+            with open(log_file, "a") as f:
+                f.write(path + "\n")
+            raise
+
+    monkeypatch.setattr(datasets, "load_image", load_image)
+
+
 @pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_fuzz_fit_over_broken_files_skips_and_counts_every_bad_one(tmp_path, num_workers, caplog):
+def test_fuzz_fit_over_broken_files_replaces_and_counts_every_bad_one(tmp_path, num_workers, caplog, monkeypatch):
     bad = _fuzz_folder(tmp_path / "images", 60)
     assert bad >= 5
+    _record_failed_decodes(monkeypatch, tmp_path / "failures.txt")
+    sizes = []
+
+    class BatchSizes(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            sizes.append(len(batch))
+
     with caplog.at_level(logging.INFO):
         method, trainer = tiny_fit("simclr", tmp_path / "run", -1, dataset="folder", data_root=tmp_path / "images",
-                                   num_workers=num_workers, drop_last=False, max_epochs=1, batch_size=8)
-    assert method.skipped_images == bad, "one epoch visits every file once: every bad one is counted"
-    assert trainer.global_step == 8  # ceil(60 / 8) batches, none of them crashed
+                                   num_workers=num_workers, drop_last=False, max_epochs=1, batch_size=8,
+                                   callbacks=[BatchSizes()])
+    failures = (tmp_path / "failures.txt").read_text().splitlines()
+    assert len(set(failures)) == bad, "one epoch visits every file once: every bad one is met"
+    assert method.skipped_images == len(failures), "every unreadable file met (replacement draws too) is counted"
+    assert sizes == [8] * 7 + [4], "bad files never shorten a batch: ceil(60 / 8) batches of the sampler's sizes"
+    assert trainer.global_step == 8 and method.nonfinite.requested_skips == 0
     assert all(torch.isfinite(p).all() for p in method.parameters())
-    assert f"skipped {bad} unreadable images" in caplog.text
+    assert f"skipped {len(failures)} unreadable images" in caplog.text
 
 
 def test_a_folder_of_only_broken_files_is_a_clear_error(tmp_path):
@@ -129,8 +159,11 @@ def test_a_folder_of_only_broken_files_is_a_clear_error(tmp_path):
     rng = np.random.default_rng(0)
     for i, case in enumerate(["truncated_jpeg", "zero_bytes", "text_as_jpg", "missing_symlink"] * 2):
         write_case(folder, f"{i}", case, rng)
-    with pytest.raises(ValueError, match=r"no training image could be decoded.*8 unreadable"):
-        tiny_fit("simclr", tmp_path / "run", -1, dataset="folder", data_root=folder, drop_last=False, max_epochs=1)
+    # each of the 8 samples meets its own file and MAX_REPLACEMENT_ATTEMPTS unreadable replacements
+    met = 8 * (MAX_REPLACEMENT_ATTEMPTS + 1)
+    with pytest.raises(ValueError, match=rf"no training image could be decoded.*\({met} unreadable"):
+        tiny_fit("simclr", tmp_path / "run", -1, dataset="folder", data_root=folder, drop_last=False, max_epochs=1,
+                 model_overrides=dict(max_consecutive_nonfinite=1))  # placeholder steps are not non-finite ones
 
 
 def test_an_empty_folder_is_a_clear_error(tmp_path):

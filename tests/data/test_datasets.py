@@ -83,15 +83,17 @@ def test_missing_and_empty_paths_are_named(tmp_path):
         source("imagenet42")
 
 
-def test_corrupt_images_are_skipped_and_counted(tmp_path):
+def test_corrupt_training_images_are_replaced_and_counted(tmp_path):
     root = _folder(tmp_path, labelled=False, n=6)
     (root / "broken.jpg").write_bytes(b"not an image at all")
     (root / "truncated.png").write_bytes((root / "0.png").read_bytes()[:40])
     data = SSLDataModule(dataset="folder", root=str(root), batch_size=8, num_workers=0, image_size=16,
                          drop_last=False)
     batches = list(data.train_dataloader())
-    assert sum(b.skipped for b in batches) == 2
-    assert sum(len(b) for b in batches) == 6
+    assert [len(b) for b in batches] == [8], "the batch keeps its size"
+    assert sum(b.skipped for b in batches) >= 2 and sum(b.invalid for b in batches) == 0
+    files = [data.split("train").files[i][0] for b in batches for i in b.index.tolist()]
+    assert not [f for f in files if f.endswith(("broken.jpg", "truncated.png"))], "bad files were replaced"
     assert all(v.shape[1:] == (3, 16, 16) for b in batches for v in b.views)
 
 

@@ -98,7 +98,7 @@ def register_tiny_source(num_images: int = 32, channels: int = 3, seed: int = 0)
     images = np.random.default_rng(seed).integers(0, 256, (num_images, IMAGE_SIZE, IMAGE_SIZE, channels),
                                                   dtype=np.uint8)
     datasets.SOURCES[name] = datasets.SourceSpec(functools.partial(_array_source, images),
-                                                 datasets.SourceInfo(), ("train", None))
+                                                 datasets.SourceInfo(), ("train", None, None))
     return name
 
 

@@ -268,15 +268,15 @@ class SSLDataModule(L.LightningDataModule):
         return self.probe_dataloader("test") if self.has_labels else []
 
     def probe_dataloader(self, which: str) -> DataLoader:
-        """``"train"``: the labelled probe-train split; ``"test"``: the labelled test split; with the
-        deterministic eval transform. Without a labelled probe-train split, ``"train"`` gives the
-        pretraining images (labels -1) for callbacks that need only images (reconstructions,
-        BatchNorm recalibration); ``"test"`` needs both labelled splits, so a probe never fits on -1."""
-        if which not in ("train", "test"):
-            raise ValueError(f"probe_dataloader({which!r}): use 'train' or 'test'")
-        if which == "test" and not self.has_labels:
+        """A split with the deterministic eval transform: ``"train"`` the labelled probe-train split,
+        ``"test"`` the labelled test split (each an error naming what is missing when the probes cannot
+        run), ``"pretrain"`` the pretraining images (labels may be -1), for callbacks that need only images
+        (reconstruction grids)."""
+        if which not in ("train", "test", "pretrain"):
+            raise ValueError(f"probe_dataloader({which!r}): use 'train', 'test' or 'pretrain'")
+        if which != "pretrain" and not self.has_labels:
             raise ValueError(f"dataset {self.dataset!r} cannot be probed: {self.probe_unavailable_reason}")
-        images = self.split("test" if which == "test" else "probe_train") or self.split("train")
+        images = self.split({"train": "probe_train", "test": "test", "pretrain": "train"}[which])
         view = EvalView()
         view.bind(self.preprocessing)
         dataset = ViewDataset(images, view, self.strict_images)

@@ -105,7 +105,7 @@ class ReconstructionImages(L.Callback):
     def _fixed_images(self, trainer: L.Trainer) -> Tensor:
         if self.images is None:
             datamodule = trainer.datamodule
-            loader = datamodule.probe_dataloader("test" if datamodule.has_labels else "train")
+            loader = datamodule.probe_dataloader("test" if datamodule.has_labels else "pretrain")
             batches: list[Tensor] = []
             for batch in loader:
                 batches += list(batch.views[0])

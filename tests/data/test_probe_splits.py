@@ -54,7 +54,9 @@ def test_flat_folder_without_probe_train_root_has_no_probes_and_says_why(tmp_pat
         data.probe_dataloader("test")
     with pytest.raises(ValueError, match="no labelled probe-train and test splits.*probe_train_root"):
         EvalData.from_datamodule(data)
-    images = next(iter(data.probe_dataloader("train")))  # image-only callbacks (reconstructions) still work
+    with pytest.raises(ValueError, match="set data.probe_train_root"):
+        data.probe_dataloader("train")
+    images = next(iter(data.probe_dataloader("pretrain")))  # image-only callbacks (reconstructions) still work
     assert len(images) == 3 and (images.labels == -1).all()
 
 

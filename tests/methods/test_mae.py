@@ -130,7 +130,7 @@ def test_online_probe_batch_norm_option_is_scale_invariant():
 
     module = SimpleNamespace(encoder=SimpleNamespace(embed_dim=6), device=torch.device("cpu"),
                              log_dict=lambda *a, **k: None)
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(num_classes=3))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(num_classes=3, has_labels=True))
     probe = OnlineLinearProbe(batch_norm=True)
     probe.setup(trainer, module, "fit")
     norm = probe.head[0]

@@ -32,7 +32,7 @@ def build_checkpoint(recipe: str) -> dict:
     from lightning.pytorch.cli import LightningArgumentParser
 
     from selfsup.methods.base import SSLMethod
-    from selfsup.reliability import gather_rng_states
+    from selfsup.run.resume import gather_rng_states
 
     parser = LightningArgumentParser()
     parser.add_subclass_arguments(SSLMethod, "model", required=True)
@@ -70,7 +70,7 @@ def main() -> None:
 
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from selfsup.reliability import AtomicCheckpointIO
+    from selfsup.checkpoint import AtomicCheckpointIO
 
     for recipe in args.recipes:
         checkpoint = build_checkpoint(recipe)

@@ -31,7 +31,7 @@ from common import RESULTS, machine, peak_memory_mb  # noqa: E402
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
 from selfsup.data.transforms import Preprocessing  # noqa: E402
 from selfsup.eval.cache import FeatureCache  # noqa: E402
-from selfsup.eval.checkpoint import encoder_from_checkpoint, load_checkpoint, selfsup_metadata  # noqa: E402
+from selfsup.checkpoint import encoder_from_checkpoint, load_checkpoint, selfsup_metadata  # noqa: E402
 from selfsup.eval.features import extract_features  # noqa: E402
 from selfsup.eval.protocols import EvalContext, EvalData, FeatureSet, run_protocols  # noqa: E402
 from selfsup.models.encoder import Encoder  # noqa: E402

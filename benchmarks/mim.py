@@ -36,7 +36,8 @@ from common import (count_flops, endless_batches, matmul_peak_gflops,  # noqa: E
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
 from selfsup.data.transforms import MaskedImageView  # noqa: E402
-from selfsup.methods.base import SSLMethod, create_optimizer  # noqa: E402
+from selfsup.methods.base import SSLMethod  # noqa: E402
+from selfsup.optim import create_optimizer  # noqa: E402
 from selfsup.methods.mae import MAE  # noqa: E402
 from selfsup.methods.simmim import SimMIM  # noqa: E402
 from selfsup.models.encoder import Encoder  # noqa: E402

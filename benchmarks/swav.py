@@ -30,7 +30,7 @@ from common import (add_step_arguments, count_flops, endless_batches,  # noqa: E
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
 from selfsup.data.transforms import Crops, MultiCropViews  # noqa: E402
 from selfsup.methods.swav import SwAV  # noqa: E402
-from selfsup.methods.base import create_optimizer  # noqa: E402
+from selfsup.optim import create_optimizer  # noqa: E402
 from selfsup.models.encoder import Encoder  # noqa: E402
 
 SETTINGS = {"multi-crop": Crops(4, 16, (0.05, 0.14)), "2-crop": Crops(0, 16, (0.05, 0.14))}

@@ -22,7 +22,7 @@ from common import (add_step_arguments, count_flops, endless_batches,  # noqa: E
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
 from selfsup.methods.simclr import SimCLR  # noqa: E402
-from selfsup.methods.base import create_optimizer  # noqa: E402
+from selfsup.optim import create_optimizer  # noqa: E402
 from selfsup.models.encoder import Encoder  # noqa: E402
 
 

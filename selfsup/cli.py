@@ -20,10 +20,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from selfsup.data.datamodule import SSLDataModule
 from selfsup.methods.base import SSLMethod
-from selfsup.reliability import PreemptionCheckpoint, default_plugins
-from selfsup.resume import find_resume_checkpoint
-
-warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+from selfsup.run import (DataHealth, ExactResume, InitFrom, NonFiniteGuard, PreemptionCheckpoint, default_plugins,
+                         find_resume_checkpoint)
 
 ROOT_DIR_PLACEHOLDER = "<trainer.default_root_dir>"  # a logger's save_dir that follows the run directory
 
@@ -33,14 +31,19 @@ class SelfSupCLI(LightningCLI):
     CSV logs, ``config.yaml`` and the checkpoints; a rich progress bar; and one ``last.ckpt`` in
     ``<default_root_dir>/checkpoints`` that always holds the newest weights (no ``last-vN`` copies after a
     resume). ``--ckpt_path last`` resumes from the newest complete ``last.ckpt`` or ``hpc_ckpt_N.ckpt``
-    (:func:`selfsup.resume.find_resume_checkpoint`). Checkpoints are written atomically, SIGTERM saves
-    ``last.ckpt`` before exiting, and ``--trainer.sync_batchnorm true`` uses a SyncBatchNorm that also runs
-    on CPU (see :mod:`selfsup.reliability`)."""
+    (:func:`selfsup.run.find_resume_checkpoint`). The run callbacks of :mod:`selfsup.run` are installed,
+    each a YAML group: ``resume`` (exact resume), ``nonfinite`` (the guard), ``data_health``,
+    ``preemption`` (SIGTERM saves ``last.ckpt``) and ``init_from``. Checkpoints are written atomically,
+    and ``--trainer.sync_batchnorm true`` uses a SyncBatchNorm that also runs on CPU."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+        parser.add_lightning_class_args(ExactResume, "resume")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(DataHealth, "data_health")
+        parser.add_lightning_class_args(InitFrom, "init_from")
         # Without the version counter a resumed run writes last.ckpt again instead of last-v1.ckpt: the
         # counter skips every existing name but the callback's own last_model_path, which a resume from a
         # checkpoint saved before the first periodic save (SIGTERM, SIGUSR1) does not hold.
@@ -71,7 +74,7 @@ class SelfSupCLI(LightningCLI):
         if config.get("enable_progress_bar") is False:
             unwanted.append(RichProgressBar)
         if config.get("enable_checkpointing") is False:
-            unwanted += [ModelCheckpoint, PreemptionCheckpoint]
+            unwanted += [ModelCheckpoint, PreemptionCheckpoint, ExactResume]
         return super()._instantiate_trainer(config, [c for c in callbacks if not isinstance(c, tuple(unwanted))])
 
 
@@ -95,12 +98,32 @@ def trainer_defaults() -> dict:
     }
 
 
-def main(args: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in ("eval", "export"):  # scoring and export: see selfsup/eval/command.py
-        from selfsup.eval.command import main as subcommand
+USAGE = """usage: selfsup {fit,validate,eval,export} ...
 
-        return subcommand(argv)
+  fit        pretrain: selfsup fit --config recipes/demo/simclr.yaml [--ckpt_path last]
+  validate   run the validation loop of a recipe (LightningCLI)
+  eval       score checkpoints: selfsup eval --ckpt RUN.ckpt --protocols knn,linear,fewshot
+  export     write the encoder for timm: selfsup export --ckpt RUN.ckpt --out DIR
+
+fit and validate take LightningCLI options (--config, --model.*, --data.*, --trainer.*); eval and export
+take their own flags (selfsup eval --help): they configure no Trainer, model or data module class.
+"""
+
+
+def main(args: list[str] | None = None) -> None:
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # Lightning 2.6, torch 2.14
+    argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    if argv[0] == "eval":  # scoring: selfsup/eval/command.py
+        from selfsup.eval.command import main as evaluate
+
+        return evaluate(argv[1:])
+    if argv[0] == "export":
+        from selfsup.export import main as export
+
+        return export(argv[1:])
     SelfSupCLI(SSLMethod, SSLDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(),
                save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
 

@@ -68,6 +68,13 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return x
 
 
+def all_reduce_max(x: Tensor) -> Tensor:
+    """Maximum over ranks, in place (flags: true on any rank); identity outside a process group."""
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def gather_rows(x: Tensor) -> Tensor:
     """Concatenate ``(N_r, ...)`` tensors of different lengths from every rank along dim 0 (no gradient).
 

@@ -5,7 +5,7 @@ classifier) and ``out/config.json`` in timm's Hugging Face Hub format (``archite
 ``num_features``, ``model_args``, ``pretrained_cfg`` with mean, std, input size, interpolation and crop
 percentage), plus a ``selfsup`` entry with the full :class:`Encoder` config and preprocessing.
 
-Loading::
+Loading (:func:`selfsup.checkpoint.load_encoder`)::
 
     encoder = selfsup.load_encoder(out)                        # an Encoder, any model
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=out / "model.safetensors"),
@@ -20,21 +20,18 @@ arguments (its stem is always a stride-2 7x7 conv or a stride-2 deep stem). Such
 
 from __future__ import annotations
 
+import argparse
 import json
 import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from safetensors.torch import save_file
 
-from selfsup.eval.checkpoint import (CheckpointError, encoder_state, load_checkpoint, load_into,
-                                     selfsup_metadata)
+from selfsup.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, encoder_state, load_checkpoint, load_into,
+                                selfsup_metadata)
 from selfsup.models.encoder import Encoder
 
-WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
-MODEL_PREFIX = "model."
 CIFAR_STEM_NOTE = ("cifar_stem=True: conv1 is a 3x3 stride-1 conv and maxpool is Identity. timm's ResNet "
                    "arguments cannot build this stem, so plain timm.create_model cannot load these weights "
                    "(conv1.weight shape mismatch); use selfsup.load_encoder(DIR).")
@@ -97,50 +94,22 @@ def save_encoder(encoder: Encoder, out: str | Path, preprocessing: dict[str, Any
     return out
 
 
-def read_encoder_weights(path: str | Path, unsafe_load: bool = False
-                         ) -> tuple[dict[str, Tensor], dict[str, Any] | None, dict[str, Any] | None]:
-    """Encoder state dict (keys relative to :class:`Encoder`), encoder config and preprocessing from a
-    selfsup ``.ckpt``, an export directory or its ``model.safetensors``. Config is ``None`` when unknown."""
-    path = Path(path)
-    if path.is_dir() or path.suffix == ".safetensors":
-        folder, weights = (path, path / WEIGHTS_FILE) if path.is_dir() else (path.parent, path)
-        if not weights.is_file():
-            raise CheckpointError(f"no {WEIGHTS_FILE} in {str(folder)!r}: export one with "
-                                  "`selfsup export --ckpt RUN.ckpt --out DIR`")
-        try:
-            state = load_file(str(weights))
-        except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(f"{str(weights)!r} is truncated or corrupt: {err}") from err
-        config_file = folder / CONFIG_FILE
-        document = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        extra = document.get("selfsup", {})
-        return ({MODEL_PREFIX + k: v for k, v in state.items()}, extra.get("encoder"), extra.get("preprocessing"))
-    checkpoint = load_checkpoint(path, unsafe_load)
-    meta = selfsup_metadata(checkpoint, path)
-    return encoder_state(checkpoint, path), meta["encoder"], meta.get("preprocessing")
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfsup export", description="Write a checkpoint's encoder as "
+                                     "model.safetensors + config.json loadable by timm and selfsup.load_encoder.")
+    parser.add_argument("--ckpt", required=True, help="selfsup checkpoint")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--unsafe-load", action="store_true", help="allow checkpoints that need full "
+                        "unpickling (can run arbitrary code: only for files you trust)")
+    return parser
 
 
-def load_encoder(path: str | Path, unsafe_load: bool = False, **overrides: Any) -> Encoder:
-    """An :class:`Encoder` (eval mode) from an export directory, its safetensors file or a selfsup checkpoint.
+def main(argv: list[str]) -> None:
+    """``selfsup export --ckpt RUN.ckpt --out DIR`` (``argv`` without the word ``export``)."""
+    from selfsup.eval.command import run_command
 
-    ``encoder.preprocessing`` holds the preprocessing the weights were trained with. ``overrides``
-    change constructor arguments that keep the weights' shapes, e.g. ``drop_path_rate=0.1``.
-    """
-    state, config, preprocessing = read_encoder_weights(path, unsafe_load)
-    if config is None:
-        raise CheckpointError(f"{str(path)!r} has no selfsup encoder config (config.json 'selfsup.encoder'); "
-                              "load it with timm.create_model or re-export it with `selfsup export`")
-    encoder = Encoder(**{**config, **overrides})
-    load_into(encoder, state, path)
-    encoder.preprocessing = preprocessing
-    return encoder.eval()
+    def export(args: argparse.Namespace) -> None:
+        out = export_encoder(args.ckpt, args.out, args.unsafe_load)
+        print(f"exported {args.ckpt} -> {out}/model.safetensors, {out}/config.json")
 
-
-def init_encoder_from(encoder: Encoder, path: str | Path, unsafe_load: bool = False) -> None:
-    """Copy the weights of a checkpoint or export into ``encoder`` (for ``--model.init_from``)."""
-    state, config, _ = read_encoder_weights(path, unsafe_load)
-    if config is not None and config["name"] != encoder.config["name"]:
-        raise CheckpointError(f"init_from={str(path)!r} holds a {config['name']!r} encoder but the model "
-                              f"uses {encoder.config['name']!r}; set the encoder name to {config['name']!r}")
-    with torch.no_grad():
-        load_into(encoder, state, path)
+    run_command(export_parser(), export, argv)

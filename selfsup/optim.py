@@ -136,6 +136,26 @@ class Constant(Schedule):
         return 0.0
 
 
+def training_steps(trainer: Any) -> tuple[int, int]:
+    """``(optimizer steps in the run, optimizer steps per epoch)`` of a Lightning trainer, for schedules."""
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        if trainer.max_steps <= 0:
+            raise ValueError("set trainer.max_epochs or trainer.max_steps: the schedule needs a length")
+        total = trainer.max_steps
+    trainer.fit_loop.setup_data()  # so num_training_batches is known even when max_steps decides
+    return int(total), max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule, total_steps: int,
+                 steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Every parameter group's learning rate times ``schedule`` per step (times the group's ``lr_scale``,
+    timm's layer decay), as a per-step scheduler."""
+    scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lambda step, k=k: k * schedule.value(step, total_steps, steps_per_epoch) for k in scales])
+
+
 def values(schedule: Schedule, total_steps: int, steps_per_epoch: int) -> Iterable[float]:
     """Every step's value (for plots and tests)."""
     return (schedule.value(step, total_steps, steps_per_epoch) for step in range(total_steps))

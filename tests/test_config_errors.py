@@ -10,7 +10,9 @@ import pytest
 from selfsup.cli import SelfSupCLI, main, trainer_defaults
 from selfsup.data.datamodule import SSLDataModule
 from selfsup.methods.base import SSLMethod
-from selfsup.reliability import AtomicCheckpointIO, PreemptionCheckpoint, SyncBatchNormPlugin
+from selfsup.checkpoint import AtomicCheckpointIO
+from selfsup.run import (DataHealth, ExactResume, InitFrom, NonFiniteGuard, PreemptionCheckpoint,
+                         SyncBatchNormPlugin)
 
 SIMCLR, MAE = "recipes/demo/simclr.yaml", "recipes/demo/mae.yaml"
 
@@ -18,7 +20,7 @@ CASES = [
     (SIMCLR, "--model.base_lr", "-0.1", r"model\.base_lr=-0\.1"),
     (SIMCLR, "--model.weight_decay", "-1", r"model\.weight_decay=-1"),
     (SIMCLR, "--model.optimizer", "adam", r"model\.optimizer='adam'"),
-    (SIMCLR, "--model.max_consecutive_nonfinite", "0", r"model\.max_consecutive_nonfinite=0"),
+    (SIMCLR, "--nonfinite.max_consecutive", "0", r"nonfinite\.max_consecutive=0"),
     (SIMCLR, "--model.temperature", "0", r"model\.temperature=0"),
     (SIMCLR, "--data.batch_size", "0", r"data\.batch_size=0"),
     (SIMCLR, "--data.num_workers", "-1", r"data\.num_workers=-1"),
@@ -45,10 +47,11 @@ def _cli(tmp_path, *args: str) -> SelfSupCLI:
                       args=["--config", SIMCLR, "--trainer.default_root_dir", str(tmp_path), *args])
 
 
-def test_cli_installs_atomic_checkpoints_preemption_and_cpu_sync_batchnorm(tmp_path):
+def test_cli_installs_atomic_checkpoints_the_run_callbacks_and_cpu_sync_batchnorm(tmp_path):
     trainer = _cli(tmp_path, "--trainer.sync_batchnorm", "true").trainer
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
-    assert any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks)
+    for kind in (PreemptionCheckpoint, ExactResume, NonFiniteGuard, DataHealth, InitFrom):
+        assert sum(isinstance(c, kind) for c in trainer.callbacks) == 1, kind
     assert isinstance(trainer._accelerator_connector._layer_sync, SyncBatchNormPlugin)
     plain = _cli(tmp_path).trainer
     assert plain._accelerator_connector._layer_sync is None, "BatchNorm is synced only when asked"

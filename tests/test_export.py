@@ -13,8 +13,9 @@ import torch
 
 from selfsup import load_encoder
 from selfsup.cli import main
-from selfsup.eval.checkpoint import CheckpointError, encoder_from_checkpoint, load_checkpoint
+from selfsup.checkpoint import CheckpointError, encoder_from_checkpoint, load_checkpoint
 from selfsup.export import export_encoder
+from selfsup.run import InitFrom
 from selfsup.methods.simclr import SimCLR
 from selfsup.models.encoder import Encoder
 from tests.helpers.checkpoints import (IMAGE_SIZE, one_thread, tiny_config, tiny_data, tiny_fit,  # noqa: F401
@@ -91,26 +92,25 @@ def test_init_from_starts_a_new_run_from_the_weights(run: Path, tmp_path: Path, 
     path = run if source == "checkpoint" else export_encoder(run, tmp_path / "export")
     expected = load_encoder(path).state_dict()
     record = RecordEncoder()
-    method = tiny_method(init_from=str(path))
+    method = tiny_method()
     assert not torch.equal(method.encoder.state_dict()["model.conv1.weight"], expected["model.conv1.weight"])
-    tiny_fit(tmp_path / "new", method, steps=1, callbacks=[record])
+    tiny_fit(tmp_path / "new", method, steps=1, callbacks=[InitFrom(str(path)), record])
     assert all(torch.equal(record.state[k], v) for k, v in expected.items())
 
 
 def test_init_from_on_the_command_line(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", ["selfsup"])
-    main(["fit", "--config", str(tiny_config(tmp_path)), "--model.init_from", str(run), "--model.base_lr", "1e-12"])
+    main(["fit", "--config", str(tiny_config(tmp_path)), "--init_from.path", str(run), "--model.base_lr", "1e-12"])
     new = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    assert new["hyper_parameters"]["init_from"] == str(run)
     expected = load_encoder(run).state_dict()
     weights = [k for k in expected if k.endswith("conv1.weight") or k.endswith("conv2.weight")]
     assert all(torch.allclose(new["state_dict"]["encoder." + k], expected[k], atol=1e-6) for k in weights)
 
 
 def test_init_from_a_different_architecture_is_named(run: Path, tmp_path: Path) -> None:
-    method = tiny_method(cifar_stem=True, init_from=str(run))
+    method = tiny_method(cifar_stem=True)
     with pytest.raises(CheckpointError, match=r"(?s)do not fit encoder 'resnet18'.*conv1.weight"):
-        tiny_fit(tmp_path, method, steps=1)
+        tiny_fit(tmp_path, method, steps=1, callbacks=[InitFrom(str(run))])
 
 
 def test_export_of_a_missing_or_foreign_file(tmp_path: Path) -> None:

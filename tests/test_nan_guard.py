@@ -7,9 +7,10 @@ import lightning as L
 import pytest
 import torch
 
-from selfsup.reliability import NonFiniteError, NonFiniteGuard
+from selfsup.run import NonFiniteError, NonFiniteGuard
 from tests.helpers.dist import run_distributed
-from tests.helpers.methods import METHODS, tiny_fit
+from tests.helpers.guard import guard_step
+from tests.helpers.methods import METHODS, run_callback, tiny_fit
 
 BAD_STEP = 2
 
@@ -71,7 +72,8 @@ def test_nan_loss_step_is_skipped_counted_and_training_continues(name, tmp_path)
     method, trainer = tiny_fit(name, tmp_path, 5, callbacks=[
         _install(lambda m: _poison_loss(m, {BAD_STEP})), snapshot])
     _assert_untouched(snapshot, BAD_STEP)
-    assert method.nonfinite.skipped_steps == 1 and method.nonfinite.consecutive == 0
+    guard = run_callback(trainer, NonFiniteGuard)
+    assert guard.skipped_steps == 1 and guard.consecutive == 0
     assert trainer.global_step == 5  # the schedule and step counter still advance
     moved = [k for k, v in snapshot.before[BAD_STEP + 1]["weights"].items()
              if v.is_floating_point() and not torch.equal(v, snapshot.after[BAD_STEP + 1]["weights"][k])]
@@ -96,7 +98,7 @@ def test_nan_gradient_is_skipped_and_names_the_parameter(name, tmp_path):
     snapshot = Snapshot()
     with pytest.raises(NonFiniteError, match=r"3 consecutive.*gradient of parameter encoder\..*step 4") as error:
         tiny_fit(name, tmp_path, 8, callbacks=[_install(poison_gradient), snapshot], every_n_train_steps=1,
-                 model_overrides=dict(max_consecutive_nonfinite=3))
+                 max_consecutive_nonfinite=3)
     assert f"parameter {first['name']} at step 4" in str(error.value)
     _assert_untouched(snapshot, BAD_STEP)
     _assert_untouched(snapshot, BAD_STEP + 1)
@@ -108,40 +110,21 @@ def test_nan_gradient_is_skipped_and_names_the_parameter(name, tmp_path):
 def test_consecutive_nan_losses_stop_with_step_and_term(tmp_path):
     with pytest.raises(NonFiniteError, match=r"2 consecutive steps.*loss=nan at step 3"):
         tiny_fit("simclr", tmp_path, 8, callbacks=[_install(lambda m: _poison_loss(m, set(range(2, 99))))],
-                 model_overrides=dict(max_consecutive_nonfinite=2))
-
-
-def test_method_floating_point_error_is_a_skipped_step(tmp_path):
-    def raise_once(module):
-        original, calls = module.training_loss, [0]
-
-        def training_loss(batch):
-            calls[0] += 1
-            if calls[0] == 2:
-                raise FloatingPointError("non-finite reconstruction loss=inf at step 1")
-            return original(batch)
-
-        module.training_loss = training_loss
-
-    method, _ = tiny_fit("simclr", tmp_path, 3, callbacks=[_install(raise_once)])
-    assert method.nonfinite.skipped_steps == 1
+                 max_consecutive_nonfinite=2)
 
 
 def _guard_on_rank(rank: int, world_size: int) -> list:
     guard = NonFiniteGuard(max_consecutive=5)
-    loss = torch.tensor(float("nan") if rank == 1 else 1.0)  # only rank 1 sees the NaN
-    first = guard.check_loss({"loss": loss}, step=7, device="cpu")
-    second = guard.check_loss({"loss": torch.tensor(2.0)}, step=8, device="cpu")
-    return [first, second, guard.skipped_steps]
+    skipped = [guard_step(guard, float("nan") if rank == 1 else 1.0, step=7),  # only rank 1 sees the NaN
+               guard_step(guard, 2.0, step=8)]
+    return [*skipped, guard.skipped_steps]
 
 
 def test_all_ranks_agree_to_skip():
     results = run_distributed(_guard_on_rank, 2)
-    assert results[0][0] is not None and "another rank" in results[0][0]
-    assert "loss=nan at step 7" in results[1][0]
-    assert [r[1] for r in results] == [None, None] and [r[2] for r in results] == [1, 1]
+    assert results == [[True, False, 1], [True, False, 1]], "both ranks drop the gradients of step 7 only"
 
 
 def test_guard_rejects_a_bad_limit():
-    with pytest.raises(ValueError, match="max_consecutive_nonfinite=0"):
+    with pytest.raises(ValueError, match="max_consecutive=0"):
         NonFiniteGuard(0)

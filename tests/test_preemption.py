@@ -20,8 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup.reliability import AtomicCheckpointIO, CorruptCheckpointError
+from selfsup.checkpoint import AtomicCheckpointIO, CorruptCheckpointError
 from tests.helpers.methods import tiny_fit
+from tests.helpers.cli import TINY_SIMCLR_YAML
 
 MAX_STEPS = 40
 
@@ -39,14 +40,7 @@ checkpoint:
   every_n_train_steps: 4
   every_n_epochs: 0
   save_top_k: 0
-model:
-  class_path: selfsup.methods.simclr.SimCLR
-  init_args:
-    encoder: {{class_path: selfsup.models.encoder.Encoder, init_args: {{name: test_resnet}}}}
-    proj_hidden_dim: 32
-    proj_dim: 16
-    warmup_epochs: 0
-data:
+{TINY_SIMCLR_YAML}data:
   dataset: folder
   root: {images}
   image_size: 16
@@ -72,7 +66,7 @@ def _selfsup(*args: str, **kwargs) -> subprocess.Popen:
 def test_sigterm_to_the_job_saves_last_and_resume_finishes(tmp_path):
     _write_images(tmp_path / "images")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.format(max_steps=MAX_STEPS, root=tmp_path / "run", images=tmp_path / "images"))
+    recipe.write_text(RECIPE.format(TINY_SIMCLR_YAML=TINY_SIMCLR_YAML, max_steps=MAX_STEPS, root=tmp_path / "run", images=tmp_path / "images"))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
 
     job = _selfsup("fit", "--config", str(recipe), start_new_session=True)

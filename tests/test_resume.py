@@ -71,8 +71,10 @@ def test_checkpoint_holds_every_piece_of_run_state(tmp_path):
         tiny_fit("simclr", tmp_path, MAX_STEPS, callbacks=[SigtermAt(6)])
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"]
-    state = checkpoint["selfsup"]
-    assert set(state["rng"][0]) >= {"torch", "numpy", "python"}
-    assert state["nonfinite"] == {"skipped_steps": 0, "consecutive": 0}
+    states = checkpoint["callbacks"]
+    assert set(states["ExactResume"]["rng"][0]) >= {"torch", "numpy", "python"}
+    assert states["NonFiniteGuard"] == {"skipped_steps": 0, "consecutive": 0, "requested_skips": 0}
+    assert states["DataHealth"] == {"skipped_images": 0}
+    assert set(checkpoint["selfsup"]) == {"method", "encoder", "preprocessing"}
     loader_state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert loader_state["epoch"] == 1 and loader_state["samples_done"] == 2 * 4

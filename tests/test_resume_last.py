@@ -1,4 +1,4 @@
-"""Which checkpoint ``--ckpt_path last`` resumes from (selfsup.resume): the newest complete one among
+"""Which checkpoint ``--ckpt_path last`` resumes from (selfsup.run.resume): the newest complete one among
 ``<checkpoint dir>/last*.ckpt`` and ``<root>/hpc_ckpt_*.ckpt``."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from selfsup.resume import find_resume_checkpoint, is_complete_checkpoint, resume_candidates
+from selfsup.checkpoint import is_complete_checkpoint
+from selfsup.run.resume import find_resume_checkpoint, resume_candidates
 
 
 def _save(path, step: int, mtime_s: int) -> str:

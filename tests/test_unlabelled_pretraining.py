@@ -14,6 +14,7 @@ from selfsup.cli import main as selfsup_main
 from selfsup.eval.command import main as eval_main
 from tests.data.test_probe_splits import write_folder
 from tests.helpers.checkpoints import one_thread  # noqa: F401
+from tests.helpers.cli import TINY_SIMCLR_YAML
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = ("ant", "bee", "cat")
@@ -32,14 +33,7 @@ trainer:
   default_root_dir: {root}
   callbacks:
     - class_path: selfsup.eval.callbacks.ProbeReport
-model:
-  class_path: selfsup.methods.simclr.SimCLR
-  init_args:
-    encoder: {{class_path: selfsup.models.encoder.Encoder, init_args: {{name: test_resnet}}}}
-    proj_hidden_dim: 32
-    proj_dim: 16
-    warmup_epochs: 0
-data:
+{TINY_SIMCLR_YAML}data:
   dataset: folder
   root: {images}
   probe_train_root: {probe_train}
@@ -70,7 +64,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-step fit on 16 flat images, probed on 3 x 4 labelled images, scored on 3 x 2; its root."""
     root = tmp_path_factory.mktemp("unlabelled")
     config = root / "fit.yaml"
-    config.write_text(RECIPE.format(root=root / "run", images=write_folder(root / "images", per_class=16),
+    config.write_text(RECIPE.format(TINY_SIMCLR_YAML=TINY_SIMCLR_YAML, root=root / "run", images=write_folder(root / "images", per_class=16),
                                     probe_train=write_folder(root / "probe", CLASSES, per_class=4, seed=1),
                                     test=write_folder(root / "test", CLASSES, per_class=2, seed=2)))
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -94,13 +88,13 @@ def test_eval_scores_on_the_stored_probe_train_root_or_the_flag(run: Path, tmp_p
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     labels = _recording_labels(monkeypatch, protocols_module)
     ckpt = str(run / "run" / "checkpoints" / "last.ckpt")
-    eval_main(["eval", "--ckpt", ckpt, "--protocols", "knn", "--out", str(tmp_path / "a"), "--num-workers", "0"])
+    eval_main(["--ckpt", ckpt, "--protocols", "knn", "--out", str(tmp_path / "a"), "--num-workers", "0"])
     assert [len(y) for y in labels] == [12, 6] and all((y >= 0).all() for y in labels)
     rows = json.loads((tmp_path / "a" / "scorecard.json").read_text())["rows"]
     assert [r["metric"] for r in rows if r["protocol"] == "knn"] == ["top1", "top5"]
 
     other = write_folder(tmp_path / "other_probe", CLASSES, per_class=3, seed=3)
     labels.clear()
-    eval_main(["eval", "--ckpt", ckpt, "--protocols", "knn", "--out", str(tmp_path / "b"), "--num-workers", "0",
+    eval_main(["--ckpt", ckpt, "--protocols", "knn", "--out", str(tmp_path / "b"), "--num-workers", "0",
                "--probe-train-root", str(other)])
     assert [len(y) for y in labels] == [9, 6], "--probe-train-root replaces the stored folder"

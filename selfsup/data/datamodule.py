@@ -15,9 +15,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from selfsup.data.datasets import ImageFolder, UnreadableImage, source
-from selfsup.data.sampling import ResumableLoader, ResumableSampler
+from selfsup.data.sampling import ResumableLoader, ResumableSampler, ignore_termination_in_worker
 from selfsup.data.transforms import ContrastiveViews, EvalView, Preprocessing, ViewTransform
-from selfsup.reliability import ignore_termination_in_worker
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "probe_train", "test")  # pretraining, labelled probe-train, labelled test

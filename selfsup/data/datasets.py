@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,6 @@ def load_image(path: str) -> Image.Image:
     return rgb
 
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error we count, not grey pixels
 
 
 def torchvision_dataset(name: str) -> Callable[..., Dataset]:

@@ -13,6 +13,7 @@ have seen. Three choices make that hold regardless of workers, prefetching and r
 from __future__ import annotations
 
 import atexit
+import signal
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,7 +21,22 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from selfsup.distributed import rank, world_size
-from selfsup.reliability import sample_seed
+
+
+def sample_seed(base_seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch: independent of workers, ranks and resumes."""
+    return (base_seed * 1_000_003 + epoch * 2_147_483_647 + index * 6_700_417) % (2**63 - 1)
+
+
+def ignore_termination_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker ignores SIGTERM/SIGUSR1 so only the trainer reacts.
+
+    Clusters signal every process of a job; a worker killed by it would crash the trainer before it
+    could save. Workers still exit when the trainer shuts them down or dies.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class ResumableSampler(DistributedSampler):
@@ -60,7 +76,7 @@ class ResumableLoader(DataLoader):
     def _get_iterator(self):
         iterator = super()._get_iterator()
         if self.num_workers > 0:
-            _WORKER_ITERATORS.add(iterator)
+            _track_workers(iterator)
         return iterator
 
     def state_dict(self) -> dict[str, Any]:
@@ -79,15 +95,24 @@ class ResumableLoader(DataLoader):
         self.sampler.resume(state["epoch"], state["samples_done"])
 
 
-# Training workers ignore SIGTERM (``selfsup.reliability.ignore_termination_in_worker``), so the
-# SIGTERM that multiprocessing's exit handler sends to its children would not stop them, and a process
-# that left a loader mid-epoch (a script, a notebook, an interrupted run) would hang at exit waiting
-# for them. atexit runs handlers last-registered first, so this one shuts the workers down (through the
-# DataLoader's own protocol) before multiprocessing's handler joins them.
+# Training workers ignore SIGTERM (:func:`ignore_termination_in_worker`), so the SIGTERM that
+# multiprocessing's exit handler sends to its children would not stop them, and a process that left a
+# loader mid-epoch (a script, a notebook, an interrupted run) would hang at exit waiting for them. atexit
+# runs handlers last-registered first, so this one, registered when the first workers start (after
+# multiprocessing registered its own), shuts the workers down through the DataLoader's own protocol
+# before multiprocessing's handler joins them. Nothing is registered at import.
 _WORKER_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+_registered = False
 
 
-@atexit.register
+def _track_workers(iterator: Any) -> None:
+    global _registered
+    if not _registered:
+        atexit.register(_shutdown_workers_at_exit)
+        _registered = True
+    _WORKER_ITERATORS.add(iterator)
+
+
 def _shutdown_workers_at_exit() -> None:
     for iterator in list(_WORKER_ITERATORS):
         iterator._shutdown_workers()

@@ -1,8 +1,7 @@
-"""The ``selfsup eval`` and ``selfsup export`` subcommands.
+"""The ``selfsup eval`` subcommand (``selfsup export`` is in :mod:`selfsup.export`).
 
     selfsup eval --ckpt RUN.ckpt [MORE.ckpt ...] --protocols knn,linear,fewshot,finetune [--data cifar10
                  --data-root DIR] [--out DIR] [--set knn.k=10 --set finetune.epochs=20]
-    selfsup export --ckpt RUN.ckpt --out DIR
 
 Evaluation uses the checkpoint's own preprocessing; ``--image-size/--mean/--std/--crop-pct/--interpolation``
 override it with a warning naming both values. :func:`selfsup.eval.scorecard.score_encoder` is the one
@@ -24,7 +23,7 @@ import yaml
 from selfsup.data.datamodule import SSLDataModule
 from selfsup.data.transforms import Preprocessing
 from selfsup.eval.cache import CacheMismatchError, FeatureCache
-from selfsup.eval.checkpoint import (CheckpointError, encoder_from_checkpoint, file_digest, load_checkpoint,
+from selfsup.checkpoint import (CheckpointError, encoder_from_checkpoint, file_digest, load_checkpoint,
                                      selfsup_metadata)
 from selfsup.eval.protocols import EvalData
 from selfsup.eval.scorecard import score_encoder
@@ -138,32 +137,22 @@ def eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfsup export", description="Write a checkpoint's encoder as "
-                                     "model.safetensors + config.json loadable by timm and selfsup.load_encoder.")
-    parser.add_argument("--ckpt", required=True, help="selfsup checkpoint")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--unsafe-load", action="store_true", help="allow checkpoints that need full "
-                        "unpickling (can run arbitrary code: only for files you trust)")
-    return parser
+KNOWN_ERRORS = (CheckpointError, CacheMismatchError, ValueError, FileNotFoundError)
+
+
+def run_command(parser: argparse.ArgumentParser, work: Any, argv: list[str]) -> None:
+    """Parse ``argv`` and run ``work(args)``; known bad input exits with status 2 and the reason."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        work(args)
+    except KNOWN_ERRORS as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 def main(argv: list[str]) -> None:
-    """Dispatch ``eval``/``export`` (``argv[0]``); known bad input exits with status 2 and the reason."""
-    from selfsup.export import export_encoder
-
-    command, rest = argv[0], argv[1:]
-    parser = eval_parser() if command == "eval" else export_parser()
-    args = parser.parse_args(rest)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if command == "eval":
-            evaluate(args)
-        else:
-            out = export_encoder(args.ckpt, args.out, args.unsafe_load)
-            print(f"exported {args.ckpt} -> {out}/model.safetensors, {out}/config.json")
-    except (CheckpointError, CacheMismatchError, ValueError, FileNotFoundError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    """``selfsup eval ARGS`` (``argv`` without the word ``eval``)."""
+    run_command(eval_parser(), evaluate, argv)
 
 
 if __name__ == "__main__":

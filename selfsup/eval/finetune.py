@@ -10,7 +10,6 @@ Layer-wise decay comes from timm's parameter groups (``create_optimizer_v2(layer
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from selfsup.data.datamodule import Batch
 from selfsup.data.transforms import Preprocessing, ViewTransform
 from selfsup.eval.knn import topk_accuracy
 from selfsup.eval.protocols import EvalContext, EvalData, register_protocol, score_row
-from selfsup.methods.base import warmup_cosine
+from selfsup.optim import Cosine, lr_scheduler, training_steps
 from selfsup.models.encoder import Encoder
 
 
@@ -105,13 +104,8 @@ class FineTuner(L.LightningModule):
         lr = hp.base_lr * hp.batch_size * self.trainer.accumulate_grad_batches / hp.lr_batch_denominator
         optimizer = create_optimizer_v2(self.network.model, opt="adamw", lr=lr, weight_decay=hp.weight_decay,
                                         layer_decay=hp.layer_decay)
-        self.trainer.fit_loop.setup_data()  # so the number of batches is known for the schedule
-        total = int(self.trainer.estimated_stepping_batches)
-        per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
-        warmup = min(total, round(hp.warmup_epochs * per_epoch))
-        scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, [lambda step, k=k: k * warmup_cosine(step, warmup, total) for k in scales])
+        total, per_epoch = training_steps(self.trainer)
+        schedule = lr_scheduler(optimizer, Cosine(1.0, 0.0, warmup_epochs=hp.warmup_epochs), total, per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

@@ -147,7 +147,8 @@ class SwAV(SSLMethod):
         self.register_buffer("queue", torch.zeros(len(crops_for_assign), queue_length, proj_dim)
                              if queue_length else None)
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long) if queue_length else None)
-        self._last_collapse_warning: int | None = None
+        self._filled: int | None = None  # queue_filled on the host, read once (no sync every step)
+        self._last_collapse_check: int | None = None
 
     # -- the objective ---------------------------------------------------------------------------
     def training_loss(self, batch: Batch) -> dict[str, Tensor]:
@@ -157,7 +158,6 @@ class SwAV(SSLMethod):
         with full_precision(z.device.type):  # unit vectors and cosine scores in float32
             z = F.normalize(z.float(), dim=1)
             scores = self.prototypes(z)
-        self._check_finite(z)
         scores = rearrange(scores, "(v b) k -> v b k", v=len(h))
         embeddings = rearrange(z.detach(), "(v b) d -> v b d", v=len(h))[list(self.crops_for_assign)]
         loss, codes = swav_loss(scores, self.crops_for_assign, self.temperature, self.epsilon,
@@ -178,7 +178,7 @@ class SwAV(SSLMethod):
 
         Every rank holds the same global queue; rank r scores the r-th of ``world_size`` equal slices,
         so the all-reduced Sinkhorn counts each queued embedding once, as one process would."""
-        if not self._queue_active() or int(self.queue_filled) < self.queue_length:
+        if not self._queue_active() or self._queue_filled() < self.queue_length:
             return None
         share = self.queue_length // world_size()
         queue = self.queue[:, rank() * share:(rank() + 1) * share]
@@ -191,7 +191,17 @@ class SwAV(SSLMethod):
         new = rearrange(gather(rearrange(embeddings, "a b d -> b a d").contiguous()), "n a d -> a n d")
         new = new[:, :self.queue_length].to(self.queue.dtype)
         self.queue.copy_(torch.cat([new, self.queue[:, :self.queue_length - new.shape[1]]], dim=1))
-        self.queue_filled.fill_(min(self.queue_length, int(self.queue_filled) + new.shape[1]))
+        self._filled = min(self.queue_length, self._queue_filled() + new.shape[1])
+        self.queue_filled.fill_(self._filled)
+
+    def _queue_filled(self) -> int:
+        if self._filled is None:
+            self._filled = int(self.queue_filled)
+        return self._filled
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._filled = None  # the restored buffer is read again
 
     # -- checks and signals ----------------------------------------------------------------------
     def _check_views(self, views: list[Tensor]) -> None:
@@ -208,24 +218,16 @@ class SwAV(SSLMethod):
             raise ValueError(f"the views have sizes {sizes} but the ViT encoder takes one size; set "
                              "model.encoder.init_args.dynamic_img_size: true for multi-crop")
 
-    def _check_finite(self, z: Tensor) -> None:
-        """Stop with the step number (on every rank together) rather than compute NaN codes."""
-        bad = all_reduce_sum((~torch.isfinite(z.detach())).sum().float())
-        if bad.item():
-            raise FloatingPointError(
-                f"SwAV: {int(bad.item())} non-finite projector outputs before Sinkhorn-Knopp at step "
-                f"{self.global_step} (epoch {self.current_epoch}); the run diverged: lower model.base_lr, "
-                "use precision 32 or bf16-mixed instead of 16-mixed, or check the input data")
-
     def _warn_if_collapsed(self, loss: Tensor) -> None:
-        """Warn (at most every COLLAPSE_WARNING_INTERVAL steps) when the loss sits at ln(K): uniform
-        predictions, the collapsed solution ("loss stuck at 8.006" for 3000 prototypes)."""
-        step, last = self.global_step, self._last_collapse_warning
-        if last is not None and step - last < self.COLLAPSE_WARNING_INTERVAL:
+        """Warn (every COLLAPSE_WARNING_INTERVAL steps at most, so the loss is read on the host only then)
+        when the loss sits at ln(K): uniform predictions, the collapsed solution ("loss stuck at 8.006"
+        for 3000 prototypes)."""
+        step = self.global_step
+        if step % self.COLLAPSE_WARNING_INTERVAL or step == self._last_collapse_check:
             return
+        self._last_collapse_check = step
         collapsed_loss = math.log(self.prototypes.num_prototypes)
         if abs(loss.item() - collapsed_loss) < 1e-2:
-            self._last_collapse_warning = step
             rank_zero_warn(f"SwAV loss {loss.item():.4f} at step {step} sits at ln(num_prototypes)="
                            f"{collapsed_loss:.4f}: every prediction is uniform (see train/prediction_entropy). "
                            "Early on and on small data SwAV's loss often stays here while the encoder still "

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -22,9 +23,11 @@ from PIL import Image
 from selfsup.data.datamodule import MAX_REPLACEMENT_ATTEMPTS
 from selfsup.data.datasets import UnreadableImage, load_image
 from selfsup.data.transforms import ContrastiveViews, Preprocessing
-from selfsup.reliability import check_some_images_decoded, report_skips
+from selfsup.run import DataHealth, NonFiniteGuard
+from selfsup.run.data_health import totals
 from tests.helpers.dist import run_distributed
-from tests.helpers.methods import tiny_fit
+from tests.helpers.images import record_failed_decodes
+from tests.helpers.methods import run_callback, tiny_fit
 
 
 def _image(mode: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
@@ -112,28 +115,11 @@ def _fuzz_folder(folder: Path, count: int, seed: int = 0) -> int:
     return sum(not write_case(folder, f"{i:03d}", kind, rng) for i, kind in enumerate(kinds))
 
 
-def _record_failed_decodes(monkeypatch, log_file: Path) -> None:
-    """Append the path of each failed decode to ``log_file`` (forked loader workers inherit the patch)."""
-    from selfsup.data import datasets
-
-    original = datasets.load_image
-
-    def load_image(path: str):
-        try:
-            return original(path)
-        except UnreadableImage:
-            with open(log_file, "a") as f:
-                f.write(path + "\n")
-            raise
-
-    monkeypatch.setattr(datasets, "load_image", load_image)
-
-
 @pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_fuzz_fit_over_broken_files_replaces_and_counts_every_bad_one(tmp_path, num_workers, caplog, monkeypatch):
     bad = _fuzz_folder(tmp_path / "images", 60)
     assert bad >= 5
-    _record_failed_decodes(monkeypatch, tmp_path / "failures.txt")
+    record_failed_decodes(monkeypatch, tmp_path / "failures.txt")
     sizes = []
 
     class BatchSizes(L.Callback):
@@ -146,9 +132,10 @@ def test_fuzz_fit_over_broken_files_replaces_and_counts_every_bad_one(tmp_path, 
                                    callbacks=[BatchSizes()])
     failures = (tmp_path / "failures.txt").read_text().splitlines()
     assert len(set(failures)) == bad, "one epoch visits every file once: every bad one is met"
-    assert method.skipped_images == len(failures), "every unreadable file met (replacement draws too) is counted"
+    assert run_callback(trainer, DataHealth).skipped_images == len(failures), \
+        "every unreadable file met (replacement draws too) is counted"
     assert sizes == [8] * 7 + [4], "bad files never shorten a batch: ceil(60 / 8) batches of the sampler's sizes"
-    assert trainer.global_step == 8 and method.nonfinite.requested_skips == 0
+    assert trainer.global_step == 8 and run_callback(trainer, NonFiniteGuard).requested_skips == 0
     assert all(torch.isfinite(p).all() for p in method.parameters())
     assert f"skipped {len(failures)} unreadable images" in caplog.text
 
@@ -163,7 +150,7 @@ def test_a_folder_of_only_broken_files_is_a_clear_error(tmp_path):
     met = 8 * (MAX_REPLACEMENT_ATTEMPTS + 1)
     with pytest.raises(ValueError, match=rf"no training image could be decoded.*\({met} unreadable"):
         tiny_fit("simclr", tmp_path / "run", -1, dataset="folder", data_root=folder, drop_last=False, max_epochs=1,
-                 model_overrides=dict(max_consecutive_nonfinite=1))  # placeholder steps are not non-finite ones
+                 max_consecutive_nonfinite=1)  # placeholder steps are not non-finite ones
 
 
 def test_an_empty_folder_is_a_clear_error(tmp_path):
@@ -173,23 +160,24 @@ def test_an_empty_folder_is_a_clear_error(tmp_path):
         tiny_fit("simclr", tmp_path / "run", 2, dataset="folder", data_root=tmp_path / "images")
 
 
+def _epoch_end(decoded: int, skipped: int) -> str | None:
+    """DataHealth's end-of-epoch check on this rank's counts; the error, if any."""
+    health = DataHealth()
+    health._decoded, health._skipped = decoded, skipped
+    try:
+        health.on_train_epoch_end(None, SimpleNamespace(device=torch.device("cpu")))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _counts_on_rank(rank: int, world_size: int) -> list:
-    totals = report_skips(skipped_images=[3, 4][rank], skipped_steps=2)  # every rank skips the same steps
-    one_rank_decoded = None
-    try:
-        check_some_images_decoded(decoded=[0, 5][rank], skipped=[3, 4][rank])
-    except ValueError as err:
-        one_rank_decoded = str(err)
-    try:
-        check_some_images_decoded(decoded=0, skipped=[3, 4][rank])
-        nobody_decoded = None
-    except ValueError as err:
-        nobody_decoded = str(err)
-    return [totals, one_rank_decoded, nobody_decoded]
+    summed = tuple(totals([3, 4][rank], 2))
+    return [summed, _epoch_end([0, 5][rank], [3, 4][rank]), _epoch_end(0, [3, 4][rank])]
 
 
 def test_skip_counts_are_summed_over_ranks():
-    for totals, one_rank_decoded, nobody_decoded in run_distributed(_counts_on_rank, 2):
-        assert totals == (7, 2)
+    for summed, one_rank_decoded, nobody_decoded in run_distributed(_counts_on_rank, 2):
+        assert summed == (7, 4)
         assert one_rank_decoded is None, "a rank with only bad files is fine while another decodes"
         assert "7 unreadable files" in nobody_decoded

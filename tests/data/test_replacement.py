@@ -26,9 +26,11 @@ from selfsup.data.datamodule import (MAX_REPLACEMENT_ATTEMPTS, SSLDataModule, Vi
                                      replacement_index)
 from selfsup.data.datasets import UnreadableImage
 from selfsup.data.transforms import ViewTransform
-from selfsup.reliability import NonFiniteGuard
+from selfsup.run import DataHealth, NonFiniteGuard
 from tests.helpers.dist import run_distributed
-from tests.helpers.methods import tiny_fit
+from tests.helpers.images import record_failed_decodes
+from tests.helpers.guard import guard_step
+from tests.helpers.methods import run_callback, tiny_fit
 
 SEED = 1234
 
@@ -132,21 +134,6 @@ def _labelled_folder_with_bad_files(root: Path) -> set[str]:
     return bad
 
 
-def _record_failures(monkeypatch, log_file: Path) -> None:
-    """Append each failed decode to ``log_file`` (also from forked workers)."""
-    original = datasets.load_image
-
-    def load_image(path: str):
-        try:
-            return original(path)
-        except UnreadableImage:
-            with open(log_file, "a") as f:
-                f.write(path + "\n")
-            raise
-
-    monkeypatch.setattr(datasets, "load_image", load_image)
-
-
 def _batches(root: Path, num_workers: int) -> list:
     data = SSLDataModule(dataset="folder", root=str(root), views=Identify(), batch_size=4, num_workers=num_workers,
                          drop_last=False, seed=SEED)
@@ -155,7 +142,7 @@ def _batches(root: Path, num_workers: int) -> list:
 
 def test_training_batches_keep_their_size_and_count_every_bad_read(tmp_path, monkeypatch):
     bad = _labelled_folder_with_bad_files(tmp_path / "images")
-    _record_failures(monkeypatch, tmp_path / "failures.txt")
+    record_failed_decodes(monkeypatch, tmp_path / "failures.txt")
     batches, folder = _batches(tmp_path / "images", num_workers=0)
     assert [len(b) for b in batches] == [4, 4, 4, 4, 4], "20 files, batches of 4: none shorter"
     failures = (tmp_path / "failures.txt").read_text().splitlines()
@@ -230,26 +217,27 @@ def test_a_placeholder_batch_runs_the_loss_then_skips_the_step_and_training_goes
                                                                      datasets.SourceInfo(), ("train", None, None)))
     recorder = StepRecorder()
     method, trainer = tiny_fit("simclr", tmp_path, 3, callbacks=[recorder], dataset=name,
-                               model_overrides=dict(max_consecutive_nonfinite=1))
+                               max_consecutive_nonfinite=1)
     assert recorder.seen == [4, 0, 0], "the placeholder batch still ran training_loss (and its collectives)"
     changed = [k for k in recorder.before[0] if not torch.equal(recorder.before[0][k], recorder.after[0][k])]
     assert changed == [], f"the skipped step changed {changed[:3]}"
     moved = [k for k, v in recorder.before[1].items()
              if v.is_floating_point() and not torch.equal(v, recorder.after[1][k])]
     assert moved, "the next good step trains"
-    assert method.nonfinite.requested_skips == 1 and method.nonfinite.skipped_steps == 0
-    assert method.nonfinite.consecutive == 0, "not counted as a non-finite step (max_consecutive_nonfinite=1)"
-    assert method.skipped_images == 4 * (MAX_REPLACEMENT_ATTEMPTS + 1) and trainer.global_step == 3
+    guard = run_callback(trainer, NonFiniteGuard)
+    assert guard.requested_skips == 1 and guard.skipped_steps == 0
+    assert guard.consecutive == 0, "not counted as a non-finite step (max_consecutive=1)"
+    assert run_callback(trainer, DataHealth).skipped_images == 4 * (MAX_REPLACEMENT_ATTEMPTS + 1)
+    assert trainer.global_step == 3
 
 
-def test_guard_skips_a_requested_step_with_its_own_reason_outside_the_nonfinite_count():
+def test_guard_skips_a_requested_step_outside_the_nonfinite_count():
     guard = NonFiniteGuard(max_consecutive=2)
-    assert guard.check_loss({"loss": torch.tensor(float("nan"))}, 3, "cpu") is not None
-    reason = guard.check_loss({"loss": torch.tensor(float("nan"))}, 4, "cpu", skip_request="2 placeholders")
-    assert reason == "2 placeholders at step 4", "a requested skip wins over a non-finite loss"
-    assert guard.check_loss({"loss": torch.tensor(1.0)}, 5, "cpu", skip_request="1 placeholder") is not None
+    assert guard_step(guard, float("nan"), step=3)
+    assert guard_step(guard, float("nan"), invalid=2, step=4), "a requested skip wins over a non-finite loss"
+    assert guard_step(guard, 1.0, invalid=1, step=5)
     assert (guard.requested_skips, guard.skipped_steps, guard.consecutive) == (2, 1, 1)
-    assert guard.check_loss({"loss": torch.tensor(1.0)}, 6, "cpu") is None
+    assert not guard_step(guard, 1.0, step=6)
 
 
 def _request_on_rank(rank: int, world_size: int) -> list:
@@ -263,12 +251,11 @@ def _request_on_rank(rank: int, world_size: int) -> list:
 
     dist.all_reduce = counting_all_reduce
     guard = NonFiniteGuard()
-    reason = guard.check_loss({"loss": torch.tensor(1.0)}, 7, "cpu", skip_request="placeholders" if rank else None)
+    skipped = guard_step(guard, 1.0, invalid=2 if rank else 0, step=7)
     dist.all_reduce = original
-    return [reason, calls[0], guard.requested_skips, guard.consecutive]
+    return [skipped, calls[0], guard.requested_skips, guard.consecutive]
 
 
 def test_every_rank_skips_when_one_rank_requests_it_in_one_all_reduce():
     results = run_distributed(_request_on_rank, 2)
-    assert results[0][0] == "another rank asked to skip at step 7" and results[1][0] == "placeholders at step 7"
-    assert [r[1:] for r in results] == [[1, 1, 0], [1, 1, 0]], "one all-reduce; counted apart from non-finite"
+    assert results == [[True, 1, 1, 0], [True, 1, 1, 0]], "one all-reduce; counted apart from non-finite"

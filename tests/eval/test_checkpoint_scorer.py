@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from selfsup.cli import main
 from selfsup.eval.callbacks import CheckpointScorer, frozen_scores
-from selfsup.eval.checkpoint import encoder_from_checkpoint, load_checkpoint
+from selfsup.checkpoint import encoder_from_checkpoint, load_checkpoint
 from selfsup.eval.protocols import EvalContext, EvalData, frozen_features, run_protocols
 from tests.helpers.checkpoints import one_thread, tiny_data, tiny_fit  # noqa: F401
 

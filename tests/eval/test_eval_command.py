@@ -13,7 +13,7 @@ import selfsup.eval.protocols as protocols_module
 from selfsup.cli import main
 from selfsup.data.transforms import Preprocessing
 from selfsup.eval.cache import CacheMismatchError, FeatureCache
-from selfsup.eval.checkpoint import CheckpointError, load_checkpoint, selfsup_metadata
+from selfsup.checkpoint import CheckpointError, load_checkpoint, selfsup_metadata
 from selfsup.eval.command import parse_settings, resolve_preprocessing
 from selfsup.eval.protocols import EvalData, frozen_features
 from tests.helpers.checkpoints import IMAGE_SIZE, one_thread, tiny_config, tiny_data, tiny_fit  # noqa: F401

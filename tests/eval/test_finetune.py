@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfsup.eval.checkpoint import encoder_from_checkpoint, load_checkpoint
+from selfsup.checkpoint import encoder_from_checkpoint, load_checkpoint
 from selfsup.eval.finetune import FineTuner, finetune_encoder
 from selfsup.eval.protocols import EvalContext, EvalData, run_protocols
 from tests.helpers.checkpoints import IMAGE_SIZE, one_thread, tiny_data, tiny_fit  # noqa: F401

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from selfsup.data.datamodule import SSLDataModule
 from selfsup.methods.simclr import SimCLR
+from selfsup.run import default_callbacks
 from selfsup.models.encoder import Encoder
 
 IMAGE_SIZE = 16
@@ -41,7 +42,7 @@ def tiny_fit(root: Path, method: SimCLR | None = None, steps: int = 2, callbacks
     trainer = L.Trainer(max_steps=steps, max_epochs=max_epochs, accelerator="cpu", logger=logger,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
                         limit_val_batches=0, limit_train_batches=limit_train_batches,
-                        callbacks=[checkpoint, *(callbacks or [])])
+                        callbacks=[checkpoint, *default_callbacks(), *(callbacks or [])])
     try:
         trainer.fit(method or tiny_method(), tiny_data())
     finally:

@@ -9,6 +9,14 @@ from pathlib import Path
 from selfsup.cli import main
 
 PROBE = {"class_path": "selfsup.eval.callbacks.OnlineLinearProbe"}
+TINY_SIMCLR_YAML = """model:
+  class_path: selfsup.methods.simclr.SimCLR
+  init_args:
+    encoder: {class_path: selfsup.models.encoder.Encoder, init_args: {name: test_resnet}}
+    proj_hidden_dim: 32
+    proj_dim: 16
+    warmup_epochs: 0
+"""  # a recipe's model block: SimCLR on the tiny test ResNet
 TINY = ["--trainer.max_steps", "2", "--data.batch_size", "16", "--data.num_workers", "0",
         "--data.image_size", "16", "--trainer.limit_val_batches", "2", "--trainer.callbacks", json.dumps([PROBE]),
         "--model.init_args.proj_hidden_dim", "32", "--trainer.precision", "32", "--trainer.log_every_n_steps", "1"]

@@ -12,7 +12,7 @@ class SigtermAt(L.Callback):
     """Sends this process SIGTERM after training step ``step``, as a cluster preempting the job would.
 
     Lightning's signal handler notes it; after the step the fit stops with ``SIGTERMException`` (a
-    ``SystemExit``) and :class:`~selfsup.reliability.PreemptionCheckpoint` saves ``last.ckpt``.
+    ``SystemExit``) and :class:`~selfsup.run.PreemptionCheckpoint` saves ``last.ckpt``.
     """
 
     def __init__(self, step: int):

@@ -1,4 +1,4 @@
-"""Tiny instances of every method, for the scale and reliability tests.
+"""Tiny instances of every method, for the scale and run-management tests.
 
 Each entry builds ``(method, view transform)`` at toy size. A method whose module does not exist yet
 is skipped with ``pytest.importorskip``, so the tests pick it up automatically once it lands.
@@ -110,8 +110,10 @@ def _array_source(images: np.ndarray, split: str, root=None):
 
 def tiny_fit(name: str, root, max_steps: int, callbacks: list | None = None, ckpt_path=None,
              batch_size: int = 4, num_images: int = 16, num_workers: int = 0, precision="32",
-             every_n_train_steps: int | None = None, model_overrides: dict | None = None, **trainer_kwargs):
-    """Fit method ``name`` for ``max_steps`` on a tiny source with selfsup's checkpoint plugins.
+             every_n_train_steps: int | None = None, model_overrides: dict | None = None,
+             max_consecutive_nonfinite: int = 5, init_from: str | None = None, **trainer_kwargs):
+    """Fit method ``name`` for ``max_steps`` on a tiny source with selfsup's run callbacks and plugins,
+    as ``selfsup fit`` installs them.
 
     Returns ``(method, trainer)``. Seeds everything with 0, so two calls start identically.
     """
@@ -119,7 +121,7 @@ def tiny_fit(name: str, root, max_steps: int, callbacks: list | None = None, ckp
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from selfsup.data.datamodule import SSLDataModule
-    from selfsup.reliability import PreemptionCheckpoint, default_plugins
+    from selfsup.run import default_callbacks, default_plugins
 
     L.seed_everything(0, verbose=False)
     method, views = build(name, **(model_overrides or {}))
@@ -134,12 +136,18 @@ def tiny_fit(name: str, root, max_steps: int, callbacks: list | None = None, ckp
     trainer_kwargs.setdefault("max_epochs", -1)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, precision=precision,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
-                        callbacks=[checkpoint, PreemptionCheckpoint(), *(callbacks or [])],
+                        callbacks=[checkpoint, *default_callbacks(max_consecutive_nonfinite, init_from),
+                                   *(callbacks or [])],
                         plugins=default_plugins(trainer_kwargs.pop("plugins", None),
                                                 trainer_kwargs.get("sync_batchnorm", False)),
                         num_sanity_val_steps=0, **trainer_kwargs)
     trainer.fit(method, data, ckpt_path=ckpt_path)
     return method, trainer
+
+
+def run_callback(trainer, cls):
+    """The trainer's callback of class ``cls`` (e.g. ``selfsup.run.NonFiniteGuard``)."""
+    return next(c for c in trainer.callbacks if isinstance(c, cls))
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:

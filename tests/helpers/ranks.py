@@ -26,5 +26,11 @@ class RecordRanks(L.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "step": trainer.global_step,
                   "identical": all(torch.equal(gathered[0], g) for g in gathered),
-                  "finite": bool(torch.isfinite(flat).all()), "skipped_images": pl_module.skipped_images}
+                  "finite": bool(torch.isfinite(flat).all()), "skipped_images": _data_health(trainer).skipped_images}
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def _data_health(trainer: L.Trainer):
+    from selfsup.run import DataHealth
+
+    return next(c for c in trainer.callbacks if isinstance(c, DataHealth))

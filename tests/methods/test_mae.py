@@ -115,12 +115,12 @@ def test_image_size_not_divisible_by_patch_size_names_values():
         tiny_vit(image_size=30)
 
 
-def test_non_finite_loss_raises_naming_step_and_term():
+def test_non_finite_predictions_give_a_non_finite_loss_for_the_guard():
+    """No host read in the step: a NaN reaches the loss, which the non-finite guard then skips."""
     method = tiny_mae()
     with torch.no_grad():
         method.decoder.predict.bias.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match=r"MAE reconstruction loss.*step 0"):
-        method.training_loss(batch_of(torch.randn(2, 3, 16, 16)))
+    assert not torch.isfinite(method.training_loss(batch_of(torch.randn(2, 3, 16, 16)))["loss"])
 
 
 def test_online_probe_batch_norm_option_is_scale_invariant():

@@ -222,12 +222,12 @@ def test_bad_crops_for_assign():
         _tiny_swav(crops_for_assign=(0, 3)).training_loss(_batch(_global_views(2)))
 
 
-def test_non_finite_features_name_the_step():
+def test_non_finite_features_give_a_non_finite_loss_for_the_guard():
+    """No host read in the step: a NaN reaches the loss, which the non-finite guard then skips."""
     model = _tiny_swav()
     with torch.no_grad():
         model.projector[0].weight[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="at step 0"):
-        model.training_loss(_batch(_global_views(2)))
+    assert not torch.isfinite(model.training_loss(_batch(_global_views(2)))["loss"])
 
 
 def test_collapse_warns_once_per_interval():

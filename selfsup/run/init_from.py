@@ -1,0 +1,26 @@
+"""Start a new run from the encoder weights of a selfsup checkpoint or an export."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from selfsup.checkpoint import init_encoder_from
+
+
+class InitFrom(L.Callback):
+    """Load the encoder weights of ``path`` (a selfsup ``.ckpt``, an export directory or its
+    ``model.safetensors``) into ``pl_module.encoder`` when fit sets up, before any wrapping.
+
+    Different from ``--ckpt_path``, which resumes a run: on resume the restored weights win and this
+    does nothing. ``path=None`` (the default) does nothing either.
+    """
+
+    def __init__(self, path: str | None = None):
+        self.path = path
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.path is None or trainer.ckpt_path:
+            return
+        init_encoder_from(pl_module.encoder, self.path)
+        rank_zero_info(f"[selfsup] encoder initialised from {self.path}")

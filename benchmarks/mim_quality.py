@@ -182,7 +182,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = [row for method in args.methods.split(",") for variant in args.variants.split(",")
             for row in run(method, variant, args)]
-    print(f"\n| method | variant | encoder | kNN top-1 | linear top-1 |\n|---|---|---|---:|---:|")
+    print("\n| method | variant | encoder | kNN top-1 | linear top-1 |\n|---|---|---|---:|---:|")
     for row in rows:
         print(f"| {row['method']} | {row['variant']} | {row['encoder']} | {row['knn']:.3f} | {row['linear']:.3f} |")
 

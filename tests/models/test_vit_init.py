@@ -62,8 +62,9 @@ def test_mae_init_every_linear_is_xavier_uniform_with_zero_bias_and_layernorm_is
         assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)  # uniform(-b, b)
         assert torch.equal(linear.bias, torch.zeros_like(linear.bias))
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
-    assert norms and all(torch.equal(n.weight, torch.ones_like(n.weight)) and torch.equal(n.bias, torch.zeros_like(n.bias))
-                         for n in norms)
+    assert norms
+    for norm in norms:
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and torch.equal(norm.bias, torch.zeros_like(norm.bias))
 
 
 def test_mae_init_patch_embedding_is_xavier_on_the_flattened_weight_and_tokens_have_std_002():

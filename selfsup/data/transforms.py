@@ -98,10 +98,11 @@ class Augmentation:
 
     def __init__(self, size: int, scale: Range, jitter_strength: float, jitter_p: float, grayscale_p: float,
                  blur_p: float, flip_p: float = 0.5, mean: tuple[float, ...] = Preprocessing.mean,
-                 std: tuple[float, ...] = Preprocessing.std):
+                 std: tuple[float, ...] = Preprocessing.std, interpolation: str = "bilinear"):
         _check_augmentation(jitter_strength, jitter_p=jitter_p, grayscale_p=grayscale_p, blur_p=blur_p, flip_p=flip_p)
         s = jitter_strength
-        self.crop = T.RandomResizedCrop(size, scale=tuple(scale), antialias=True)
+        self.interpolation = T.InterpolationMode(interpolation)
+        self.crop = T.RandomResizedCrop(size, scale=tuple(scale), interpolation=self.interpolation, antialias=True)
         self.flip_p, self.jitter_p, self.grayscale_p, self.blur_p = flip_p, jitter_p, grayscale_p, blur_p
         self.jitter = T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s) if jitter_p > 0 and s > 0 else None
         self.blur = T.GaussianBlur(max(3, (size // 10) | 1), sigma=(0.1, 2.0))  # about 10% of the image, odd
@@ -109,7 +110,8 @@ class Augmentation:
 
     def __call__(self, image: Any) -> Tensor:
         x = F.to_image(image).as_subclass(Tensor)
-        x = F.resized_crop(x, **self.crop.make_params([x]), size=self.crop.size, antialias=True)
+        x = F.resized_crop(x, **self.crop.make_params([x]), size=self.crop.size, interpolation=self.interpolation,
+                           antialias=True)
         if torch.rand(1) < self.flip_p:
             x = F.horizontal_flip(x)
         if self.jitter is not None and torch.rand(1) < self.jitter_p:
@@ -218,7 +220,9 @@ def _as_crops(crops: Crops | dict[str, Any]) -> Crops:
 class MaskedImageView(ViewTransform):
     """One lightly augmented view for masked image modeling: random resized crop and flip only.
 
-    MAE uses ``crop_scale=(0.2, 1.0)``; SimMIM ``(0.67, 1.0)``. Masking happens in the method.
+    MAE uses ``crop_scale=(0.2, 1.0)``; SimMIM ``(0.67, 1.0)``. Masking happens in the method. The crops
+    are resized with the run's ``Preprocessing.interpolation`` (bicubic in the MAE and SimMIM recipes, as
+    both papers' ``RandomResizedCrop(..., interpolation=3)``), the same mode the eval transform uses.
     """
 
     def __init__(self, crop_scale: Range = (0.2, 1.0), flip_p: float = 0.5, image_size: int | None = None):
@@ -230,7 +234,8 @@ class MaskedImageView(ViewTransform):
     def bind(self, preprocessing: Preprocessing) -> None:
         size = self.image_size or preprocessing.image_size
         self.pipeline = Augmentation(size, self.crop_scale, 0.0, 0.0, 0.0, 0.0, self.flip_p,
-                                     mean=preprocessing.mean, std=preprocessing.std)
+                                     mean=preprocessing.mean, std=preprocessing.std,
+                                     interpolation=preprocessing.interpolation)
 
     def __call__(self, image: Any) -> list[Tensor]:
         if self.pipeline is None:

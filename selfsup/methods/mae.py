@@ -67,6 +67,12 @@ class MAE(SSLMethod):
                                   decoder_width, decoder_depth, decoder_heads,
                                   num_prefix_tokens=encoder.num_prefix_tokens)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters without weight decay beyond the 1-D ones: the decoder's mask token, a learned input
+        rather than a weight (as mmselfsup's MAE config; the decoder's positions are a fixed buffer). The
+        encoder's cls token and positions are listed by timm's own ``no_weight_decay``."""
+        return {"decoder.mask_token"}
+
     def predict(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, TokenMask]:
         """Mask, encode the visible patches, decode: per-patch predictions ``(B, N, P)`` and the mask."""
         patches = self.encoder.embed_patches(images)

@@ -1,8 +1,9 @@
 """SimCLR: contrast augmented views of each image against every other image in the (global) batch.
 
 Reference: Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations",
-ICML 2020. Paper defaults: 2-layer MLP projector (2048 hidden, 128 out), temperature 0.1 at batch
-4096 (0.5 for small batches), LARS with lr 0.3 x B/256, weight decay 1e-6, 10 warmup epochs.
+ICML 2020. Paper defaults: 2-layer MLP projector (2048 hidden, 128 out; the official code ends it with
+BatchNorm), temperature 0.1 at batch 4096 (0.5 for small batches), LARS with lr 0.3 x B/256, weight
+decay 1e-6, 10 warmup epochs.
 """
 
 from __future__ import annotations
@@ -54,15 +55,18 @@ class SimCLR(SSLMethod):
         encoder: the backbone.
         proj_hidden_dim, proj_dim: projector widths (2-layer MLP with BatchNorm).
         temperature: NT-Xent temperature.
+        proj_last_bn: end the projector with BatchNorm as the official SimCLR code does (its last layer:
+            linear without bias, then BatchNorm with ``center=False``, a learned scale and no shift).
         **base: optimizer and schedule settings of :class:`SSLMethod`.
     """
 
     def __init__(self, encoder: Encoder, proj_hidden_dim: int = 2048, proj_dim: int = 128,
-                 temperature: float = 0.1, **base):
+                 temperature: float = 0.1, proj_last_bn: bool = False, **base):
         super().__init__(encoder, **base)
         if temperature <= 0:
             raise ValueError(f"model.temperature={temperature} must be positive")
-        self.projector = MLP(encoder.embed_dim, proj_hidden_dim, proj_dim, num_layers=2)
+        self.projector = MLP(encoder.embed_dim, proj_hidden_dim, proj_dim, num_layers=2,
+                             last_norm="scale" if proj_last_bn else False)
         self.temperature = temperature
 
     def training_loss(self, batch: Batch) -> dict[str, Tensor]:

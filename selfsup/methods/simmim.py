@@ -80,6 +80,11 @@ class SimMIM(SSLMethod):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.head = PixelShuffleHead(encoder.embed_dim, encoder.stride, self.channels)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters without weight decay beyond the 1-D ones: the mask token, a learned input that
+        replaces patch embeddings, not a weight to shrink. The encoder's tokens are listed by timm."""
+        return {"mask_token"}
+
     def sample_mask(self, batch_size: int, device: torch.device,
                     generator: torch.Generator | None = None) -> Tensor:
         """Random block mask on the encoder's patch grid ``(B, grid, grid)``, 1 where masked."""

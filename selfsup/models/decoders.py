@@ -9,6 +9,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from selfsup.models.masking import sincos_position_embedding
+from selfsup.models.vit_init import TOKEN_STD, init_linear_and_norm
 
 
 class MAEDecoder(nn.Module):
@@ -37,8 +38,8 @@ class MAEDecoder(nn.Module):
         self.blocks = nn.Sequential(*(Block(width, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)))
         self.norm = nn.LayerNorm(width)
         self.predict = nn.Linear(width, patch_pixels)
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(_init_weights)
+        nn.init.normal_(self.mask_token, std=TOKEN_STD)
+        self.apply(init_linear_and_norm)
 
     def forward(self, tokens: Tensor, restore: Tensor) -> Tensor:
         """``tokens`` ``(B, prefix + K, D)`` from the encoder and ``restore`` ``(B, N)`` from the mask
@@ -60,13 +61,3 @@ class PixelShuffleHead(nn.Sequential):
     def __init__(self, in_dim: int, stride: int, channels: int):
         super().__init__(nn.Conv2d(in_dim, stride * stride * channels, kernel_size=1), nn.PixelShuffle(stride))
 
-
-def _init_weights(module: nn.Module) -> None:
-    """MAE's initialisation: Xavier-uniform linear weights, zero biases, unit LayerNorm."""
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)

@@ -9,6 +9,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from selfsup.models.vit_init import check_vit_options, fix_sincos_positions_, mae_init_
+
 
 def _suggest(name: str) -> str:
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
@@ -53,13 +55,18 @@ class Encoder(nn.Module):
         dynamic_img_size: for ViTs, accept any input size that the patch size divides, interpolating
             the position embeddings (timm's ``dynamic_img_size``); multi-crop needs it. CNNs take any
             size anyway and ignore it.
+        pos_embed: for ViTs, ``"learned"`` (timm's trainable table) or ``"sincos"``: MAE's fixed 2-D sin-cos
+            table, kept as the ``pos_embed`` parameter with ``requires_grad=False``.
+        weight_init: ``"timm"`` (the model's own) or ``"mae"``: MAE's Xavier-uniform init of every linear
+            layer and of the patch embedding, tokens ``normal(0.02)`` (:mod:`selfsup.models.vit_init`).
     """
 
     def __init__(self, name: str = "resnet18", cifar_stem: bool = False, image_size: int | None = None,
                  patch_size: int | None = None, in_chans: int = 3, pool: str | None = None,
                  drop_path_rate: float = 0.0, model_kwargs: dict[str, Any] | None = None,
-                 dynamic_img_size: bool = False):
+                 dynamic_img_size: bool = False, pos_embed: str = "learned", weight_init: str = "timm"):
         super().__init__()
+        check_vit_options(pos_embed, weight_init)
         if not timm.is_model(name):
             raise ValueError(f"unknown timm model {name!r}{_suggest(name)}")
         if image_size is not None and patch_size is not None and image_size % patch_size:
@@ -74,14 +81,26 @@ class Encoder(nn.Module):
             kwargs["dynamic_img_size"] = True
         self.config = dict(name=name, cifar_stem=cifar_stem, image_size=image_size, patch_size=patch_size,
                            in_chans=in_chans, pool=pool, drop_path_rate=drop_path_rate,
-                           model_kwargs=dict(model_kwargs or {}), dynamic_img_size=dynamic_img_size)
+                           model_kwargs=dict(model_kwargs or {}), dynamic_img_size=dynamic_img_size,
+                           pos_embed=pos_embed, weight_init=weight_init)
         self.model = _create(name, in_chans, image_size, patch_size, kwargs)
         self.is_vit = hasattr(self.model, "patch_embed")
         self.config["dynamic_img_size"] = bool(getattr(self.model, "dynamic_img_size", False))  # CNNs: False
         if cifar_stem:
             self._use_cifar_stem(name, in_chans)
+        self._initialise(pos_embed, weight_init)
         self.in_chans = in_chans
         self.embed_dim: int = self.model.num_features
+
+    def _initialise(self, pos_embed: str, weight_init: str) -> None:
+        """Apply the MAE set-up options (both are no-ops at their defaults)."""
+        if (pos_embed, weight_init) != ("learned", "timm") and not self.is_vit:
+            raise ValueError(f"pos_embed={pos_embed!r} / weight_init={weight_init!r} apply to patch-embedding "
+                             f"models (vit_*, swin_*), not {self.config['name']!r}; leave them at 'learned' / 'timm'")
+        if weight_init == "mae":
+            mae_init_(self.model)
+        if pos_embed == "sincos":
+            fix_sincos_positions_(self.model)
 
     def _use_cifar_stem(self, name: str, in_chans: int) -> None:
         conv = getattr(self.model, "conv1", None)

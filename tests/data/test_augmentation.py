@@ -103,3 +103,28 @@ def test_views_apply_the_runs_preprocessing(views, settings):
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e.as_subclass(torch.Tensor), rtol=0, atol=0)
+
+
+def _masked_view(interpolation: str) -> MaskedImageView:
+    view = MaskedImageView(crop_scale=(0.2, 1.0), flip_p=0.5)
+    view.bind(Preprocessing(image_size=32, mean=(0.5,), std=(0.25,), interpolation=interpolation))
+    return view
+
+
+def test_masked_image_view_crops_with_the_preprocessing_interpolation():
+    """Bicubic and bilinear crops differ for the same seed, and each equals torchvision's RandomResizedCrop
+    with that mode."""
+    image = _images()["gray tensor"]
+    for seed in range(5):
+        crops = {}
+        for mode in ("bilinear", "bicubic"):
+            reference = T.Compose([T.ToImage(), T.RandomResizedCrop(32, scale=(0.2, 1.0), antialias=True,
+                                                                    interpolation=T.InterpolationMode(mode)),
+                                   T.RandomHorizontalFlip(0.5), T.ToDtype(torch.float32, scale=True),
+                                   T.Normalize((0.5,), (0.25,))])
+            torch.manual_seed(seed)
+            expected = reference(image)
+            torch.manual_seed(seed)
+            crops[mode] = _masked_view(mode)(image)[0]
+            torch.testing.assert_close(crops[mode], expected.as_subclass(torch.Tensor), rtol=0, atol=1e-6)
+        assert (crops["bicubic"] - crops["bilinear"]).abs().max() > 0.05

@@ -176,3 +176,25 @@ def test_dynamic_img_size_vit_works_too():
     assert torch.isfinite(loss)
     loss.backward()
     assert method.encoder.model.pos_embed.grad.abs().sum() > 0
+
+
+def test_no_weight_decay_names_include_the_mask_token_and_the_encoder_tokens():
+    from selfsup.optim import no_weight_decay_names, param_groups
+
+    method = tiny_mae()
+    names = no_weight_decay_names(method)
+    assert {"decoder.mask_token", "encoder.model.cls_token", "encoder.model.pos_embed"} <= names
+    assert "decoder.embed.weight" not in names and "encoder.model.blocks.0.attn.qkv.weight" not in names
+    undecayed = {id(p) for g in param_groups(method, 0.05) if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(method.decoder.mask_token) in undecayed
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+@pytest.mark.parametrize("recipe", ["demo", "cifar10", "imagenet"])
+def test_mim_recipes_train_as_the_mae_paper(method, recipe):
+    import yaml
+
+    config = yaml.safe_load(open(f"recipes/{recipe}/{method}.yaml"))
+    encoder = config["model"]["init_args"]["encoder"]["init_args"]
+    assert (encoder["pos_embed"], encoder["weight_init"]) == ("sincos", "mae")
+    assert config["data"]["interpolation"] == "bicubic"

@@ -138,3 +138,19 @@ def test_short_run_on_embedded_data_beats_random_init(tmp_path):
               enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path).fit(model, data)
     before, after = knn(initial), knn(model.encoder)
     assert after > before + 0.05, (before, after)
+
+
+def test_proj_last_bn_ends_the_projector_with_simclr_batchnorm():
+    from torch import nn
+
+    from selfsup.models.heads import ScaleBatchNorm1d
+
+    plain = SimCLR(Encoder("test_resnet"), proj_hidden_dim=32, proj_dim=16)
+    assert isinstance(plain.projector[-1], nn.Linear) and plain.projector[-1].bias is not None
+    method = SimCLR(Encoder("test_resnet"), proj_hidden_dim=32, proj_dim=16, proj_last_bn=True)
+    last, linear = method.projector[-1], method.projector[-2]
+    assert type(last) is ScaleBatchNorm1d and last.num_features == 16
+    assert isinstance(linear, nn.Linear) and linear.bias is None  # the BatchNorm would remove a bias anyway
+    assert last.weight.requires_grad and not last.bias.requires_grad
+    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
+    assert "projector.4.weight" in trainable and "projector.4.bias" not in trainable

@@ -139,3 +139,14 @@ def test_short_run_on_embedded_data_lowers_reconstruction_loss():
                       model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2})
     before, after = held_out_loss_drop(SimMIM(encoder, mask_patch_size=4), steps=60)
     assert after < 0.75 * before, (before, after)
+
+
+def test_no_weight_decay_names_include_the_mask_token():
+    from selfsup.optim import no_weight_decay_names, param_groups
+
+    method = SimMIM(tiny_vit())
+    names = no_weight_decay_names(method)
+    assert {"mask_token", "encoder.model.pos_embed", "encoder.model.cls_token"} <= names
+    assert "head.0.weight" not in names
+    undecayed = {id(p) for g in param_groups(method, 0.05) if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(method.mask_token) in undecayed

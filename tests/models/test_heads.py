@@ -29,3 +29,24 @@ def test_mlp_single_layer_is_linear():
 def test_mlp_bad_config(kwargs):
     with pytest.raises(ValueError):
         MLP(8, 16, 4, **kwargs)
+
+
+def test_scale_last_norm_is_simclr_batchnorm_with_scale_and_no_shift():
+    mlp = MLP(8, 16, 4, last_norm="scale")
+    final, linear = mlp[-1], mlp[-2]
+    assert isinstance(final, nn.BatchNorm1d) and isinstance(linear, nn.Linear) and linear.bias is None
+    assert final.weight.requires_grad and not final.bias.requires_grad
+    assert torch.equal(final.bias, torch.zeros(4))
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.5)
+    x = torch.randn(32, 8)
+    mlp.train()(x).pow(3).sum().backward()
+    optimizer.step()
+    assert torch.equal(final.bias, torch.zeros(4)) and not torch.equal(final.weight, torch.ones(4))
+    out = mlp(x).detach()  # per feature: zero mean, standard deviation = the learned scale
+    torch.testing.assert_close(out.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.std(0, unbiased=False), final.weight.detach().abs(), atol=1e-3, rtol=1e-3)
+
+
+def test_unknown_last_norm_names_the_choices():
+    with pytest.raises(ValueError, match=r"last_norm='ln' must be one of"):
+        MLP(8, 16, 4, last_norm="ln")

@@ -59,12 +59,16 @@ class Encoder(nn.Module):
             table, kept as the ``pos_embed`` parameter with ``requires_grad=False``.
         weight_init: ``"timm"`` (the model's own) or ``"mae"``: MAE's Xavier-uniform init of every linear
             layer and of the patch embedding, tokens ``normal(0.02)`` (:mod:`selfsup.models.vit_init`).
+        grad_checkpointing: recompute each block's activations in the backward pass instead of keeping
+            them (timm's ``set_grad_checkpointing``): less memory for more compute, on ``forward`` and on
+            the token path of MAE and SimMIM (:meth:`encode_patches`) alike.
     """
 
     def __init__(self, name: str = "resnet18", cifar_stem: bool = False, image_size: int | None = None,
                  patch_size: int | None = None, in_chans: int = 3, pool: str | None = None,
                  drop_path_rate: float = 0.0, model_kwargs: dict[str, Any] | None = None,
-                 dynamic_img_size: bool = False, pos_embed: str = "learned", weight_init: str = "timm"):
+                 dynamic_img_size: bool = False, pos_embed: str = "learned", weight_init: str = "timm",
+                 grad_checkpointing: bool = False):
         super().__init__()
         check_vit_options(pos_embed, weight_init)
         if not timm.is_model(name):
@@ -82,13 +86,15 @@ class Encoder(nn.Module):
         self.config = dict(name=name, cifar_stem=cifar_stem, image_size=image_size, patch_size=patch_size,
                            in_chans=in_chans, pool=pool, drop_path_rate=drop_path_rate,
                            model_kwargs=dict(model_kwargs or {}), dynamic_img_size=dynamic_img_size,
-                           pos_embed=pos_embed, weight_init=weight_init)
+                           pos_embed=pos_embed, weight_init=weight_init, grad_checkpointing=grad_checkpointing)
         self.model = _create(name, in_chans, image_size, patch_size, kwargs)
         self.is_vit = hasattr(self.model, "patch_embed")
         self.config["dynamic_img_size"] = bool(getattr(self.model, "dynamic_img_size", False))  # CNNs: False
         if cifar_stem:
             self._use_cifar_stem(name, in_chans)
         self._initialise(pos_embed, weight_init)
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
         self.in_chans = in_chans
         self.embed_dim: int = self.model.num_features
 
@@ -169,7 +175,10 @@ class Encoder(nn.Module):
                 prefix, body = tokens[:, :self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
                 body = body.gather(1, keep[..., None].expand(-1, -1, body.shape[-1]))
                 tokens = torch.cat([prefix, body], dim=1)
-            return self.token_norm(model.blocks(model.norm_pre(tokens)))
+            tokens = model.norm_pre(tokens)
+            if getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled():
+                return self.token_norm(timm.models.checkpoint_seq(model.blocks, tokens))
+            return self.token_norm(model.blocks(tokens))
         if keep is not None:
             raise ValueError(f"{self.config['name']!r} cannot run on a subset of tokens (use a ViT)")
         grid_map = patches.unflatten(1, (patches.shape[1] // grid[1], grid[1]))  # Swin stages take NHWC

@@ -76,3 +76,26 @@ def test_bad_image_patch_sizes_name_both_and_suggest():
 
 def test_cnn_ignores_image_size():
     assert Encoder("resnet18", image_size=64)(torch.randn(1, 3, 64, 64)).shape == (1, 512)
+
+
+def test_grad_checkpointing_recomputes_the_token_path_with_equal_gradients(monkeypatch):
+    """MAE's and SimMIM's token path (encode_patches) honours grad_checkpointing: the blocks run under
+    torch's checkpoint, and the gradients equal those without it."""
+    import torch.utils.checkpoint as checkpoint
+
+    calls = []
+    original = checkpoint.checkpoint
+    monkeypatch.setattr(checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        encoder = Encoder("vit_tiny_patch16_224", image_size=16, patch_size=4, grad_checkpointing=checkpointing,
+                          model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2})
+        images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        keep = torch.tensor([[0, 2, 5, 7], [1, 3, 4, 15]])
+        encoder.encode_patches(encoder.embed_patches(images), keep=keep).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None})
+    assert len(calls) == 2, "one checkpointed call per block, only with grad_checkpointing"
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-6), name

@@ -7,7 +7,7 @@ import torch
 import yaml
 from jsonargparse import Namespace
 
-from selfsup.cli import ROOT_DIR_PLACEHOLDER, loggers_in_run_directory
+from selfsup.cli import ROOT_DIR_PLACEHOLDER, loggers_in_run_directory, main
 from tests.helpers.cli import fit
 
 
@@ -82,3 +82,13 @@ def test_unknown_config_key_is_an_error(tmp_path, capsys):
 def test_missing_dataset_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-dir"):
         fit(tmp_path, "--data.dataset", "folder", "--data.root", str(tmp_path / "no-such-dir"))
+
+
+def test_help_lists_every_subcommand(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "eval", "export"):
+        assert f"\n  {command} " in out, command
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "--protocols" in capsys.readouterr().out

@@ -91,3 +91,18 @@ def test_fsdp_recipe_parses(tmp_path, capsys):
     assert done.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "FSDPStrategy" in printed and "timm.models.vision_transformer.Block" in printed
+
+
+def test_sync_batchnorm_is_torchs_own_on_an_accelerator_and_selfsups_on_cpu():
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from selfsup.models.sync_batchnorm import SyncBatchNorm
+
+    for device, expected in (("cuda", nn.SyncBatchNorm), ("cpu", SyncBatchNorm)):
+        module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        module.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+        converted = SyncBatchNormPlugin().apply(module)
+        assert type(converted[1]) is expected, device

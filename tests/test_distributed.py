@@ -23,6 +23,7 @@ from tests.helpers.dist import run_distributed
 from tests.helpers.methods import METHODS, build, synthetic_batch
 
 WORLD, PER_RANK, STEPS = 2, 4, 3
+pytestmark = pytest.mark.timeout(300)  # a hang (one rank waiting in a collective) fails
 
 
 # -- SyncBatchNorm ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -27,8 +28,19 @@ def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> No
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int = 2, *args) -> list:
-    """``fn(rank, world_size, *args)`` in ``world_size`` processes; returns each rank's result."""
+def run_distributed(fn, world_size: int = 2, *args, timeout: float = 240.0) -> list:
+    """``fn(rank, world_size, *args)`` in ``world_size`` processes; returns each rank's result.
+
+    A run still going after ``timeout`` seconds is a hang: its processes are killed and ``TimeoutError``
+    fails the test, instead of stalling the suite."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world_size, _free_port(), fn, args, out_dir), nprocs=world_size, join=True)
+        context = mp.spawn(_worker, args=(world_size, _free_port(), fn, args, out_dir), nprocs=world_size,
+                           join=False)
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(f"{getattr(fn, '__name__', fn)} on {world_size} processes did not finish "
+                                   f"within {timeout:.0f} s: a hang")
         return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False) for r in range(world_size)]

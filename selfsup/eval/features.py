@@ -24,10 +24,10 @@ from selfsup.distributed import gather_rows, is_distributed, rank, world_size
 
 
 @contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """``module`` in eval mode for the block, then back to its previous mode."""
+def eval_mode(module: nn.Module, training: bool = False) -> Iterator[nn.Module]:
+    """``module`` in eval mode (or, ``training=True``, train mode) for the block, then back to its mode."""
     was_training = module.training
-    module.eval()
+    module.train(training)
     try:
         yield module
     finally:
@@ -145,16 +145,14 @@ def recalibrate_batchnorm(encoder: nn.Module, loader: DataLoader, device: torch.
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
-    was_training = encoder.training
-    encoder.train()
     try:
-        for i, batch in enumerate(loader):
-            if i >= max_batches:
-                break
-            if len(batch):
-                encoder(batch.views[0].to(device))
+        with eval_mode(encoder, training=True):  # BatchNorm updates its statistics in train mode only
+            for i, batch in enumerate(loader):
+                if i >= max_batches:
+                    break
+                if len(batch):
+                    encoder(batch.views[0].to(device))
     finally:
-        encoder.train(was_training)
         for m, momentum in saved:
             m.momentum = momentum
     return encoder

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from selfsup.eval.features import model_call
+from selfsup.eval.features import eval_mode, model_call
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,8 @@ class ReconstructionImages(L.Callback):
         out = Path(trainer.log_dir or trainer.default_root_dir) / "reconstructions"
         images = self._fixed_images(trainer).to(pl_module.device)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad():
-                masked, reconstruction = model_call(trainer, pl_module, "reconstruct")(images, generator=generator)
-        finally:
-            pl_module.train(was_training)
+        with eval_mode(pl_module), torch.no_grad():
+            masked, reconstruction = model_call(trainer, pl_module, "reconstruct")(images, generator=generator)
         if trainer.is_global_zero:
             preprocessing = trainer.datamodule.preprocessing
             scale = max(1, self.min_display_size // images.shape[-1])

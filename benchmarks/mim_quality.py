@@ -77,8 +77,12 @@ SETTINGS = {
 }
 
 
+POOL: dict[str, str] = {}  # --pool overrides, per method
+
+
 def encoder(method: str, variant: Variant) -> Encoder:
-    return Encoder("vit_tiny_patch16_224", image_size=32, patch_size=4, in_chans=1, pool=SETTINGS[method]["pool"],
+    return Encoder("vit_tiny_patch16_224", image_size=32, patch_size=4, in_chans=1,
+                   pool=POOL.get(method) or SETTINGS[method]["pool"],
                    model_kwargs={"depth": 6}, pos_embed="sincos" if variant.pos else "learned",
                    weight_init="mae" if variant.init else "timm")
 
@@ -170,6 +174,7 @@ def parse() -> argparse.Namespace:
     add("--batch-size", type=int, default=256)
     add("--warmup-steps", type=int, default=20)
     add("--base-lr", type=float, default=None, help="per 256 images; default 5e-4 for both, as the demo recipes")
+    add("--pool", default=None, help="override the probed feature for every method: token or avg")
     add("--workers", type=int, default=2)
     add("--threads", type=int, default=2)
     add("--seed", type=int, default=0)
@@ -180,6 +185,8 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
+    if args.pool:
+        POOL.update(dict.fromkeys(args.methods.split(","), args.pool))
     rows = [row for method in args.methods.split(",") for variant in args.variants.split(",")
             for row in run(method, variant, args)]
     print("\n| method | variant | encoder | kNN top-1 | linear top-1 |\n|---|---|---|---:|---:|")

@@ -91,7 +91,7 @@ class ViewDataset(Dataset):
             real = index if attempt == 0 else replacement_index(seed, attempt, len(self.images))
             read = self._read(real)
             if read is not None:
-                return Sample(self._seeded_views(read[0], seed), read[1], real, skipped=attempt)
+                return self.sample(read[0], read[1], real, seed, skipped=attempt)
         log.warning("sample %d: the image and %d replacement draws were all unreadable; a black placeholder "
                     "keeps the batch size and the step is skipped", index, MAX_REPLACEMENT_ATTEMPTS)
         placeholder = Image.new("RGB", (self.placeholder_size, self.placeholder_size))
@@ -106,6 +106,11 @@ class ViewDataset(Dataset):
                 raise
             log.warning("skipping unreadable image: %s", err)
             return None
+
+    def sample(self, image: object, label: int, index: int, seed: int, skipped: int = 0) -> Sample:
+        """The training :class:`Sample` of a decoded (or lazily opened) image, its views drawn from ``seed``
+        alone. Sources that are not map-style (tar shards) build their samples through this too."""
+        return Sample(self._seeded_views(image, seed), label, index, skipped=skipped)
 
     def _seeded_views(self, image: object, seed: int) -> list[Tensor]:
         with torch.random.fork_rng(devices=[]):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -146,8 +146,12 @@ class ImageFolder(Dataset):
         return load_image(path), label
 
 
-def load_image(path: str) -> Image.Image:
-    """Decode an image file to 8-bit RGB, or raise :class:`UnreadableImage` saying why."""
+def load_image(path: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
+    """Decode an image file to 8-bit RGB, or raise :class:`UnreadableImage` saying why.
+
+    ``path`` is a file name or an open binary file (a tar member's bytes in a ``BytesIO``); ``name`` is
+    what errors call it (default: ``path``)."""
+    name = str(path) if name is None else name
     try:
         with Image.open(path) as img:
             img.load()
@@ -157,9 +161,9 @@ def load_image(path: str) -> Image.Image:
                 img = Image.fromarray((array * scale).astype(np.uint8), mode="L")
             rgb = img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UnreadableImage(f"{path}: {err}") from err
+        raise UnreadableImage(f"{name}: {err}") from err
     if min(rgb.size) < 1:
-        raise UnreadableImage(f"{path}: empty image {rgb.size}")
+        raise UnreadableImage(f"{name}: empty image {rgb.size}")
     return rgb
 
 

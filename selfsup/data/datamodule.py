@@ -15,11 +15,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from selfsup.data.datasets import ImageFolder, UnreadableImage, source
+from selfsup.data.shards import ShardSource, eval_loader, shard_loader
 from selfsup.data.sampling import ResumableLoader, ResumableSampler, ignore_termination_in_worker
 from selfsup.data.transforms import ContrastiveViews, EvalView, Preprocessing, ViewTransform
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "probe_train", "test")  # pretraining, labelled probe-train, labelled test
+FOLDER_PROBES = ("folder", "shards")  # sources whose probe splits are labelled folders (probe_train_root, test_root)
 
 
 MAX_REPLACEMENT_ATTEMPTS = 16  # draws for a readable replacement of an unreadable training sample
@@ -143,11 +145,12 @@ class SSLDataModule(L.LightningDataModule):
 
     Args:
         dataset: a registered source: ``fashion_mnist_embedded`` (shipped), ``fashion_mnist`` (IDX files),
-            ``folder`` (image folder), ``cifar10``, ``cifar100`` or ``stl10``.
+            ``folder`` (image folder), ``shards`` (WebDataset tar shards, :mod:`selfsup.data.shards`),
+            ``cifar10``, ``cifar100`` or ``stl10``.
         root: where the files are (not needed for the embedded set); for ``folder``, the pretraining images.
-        test_root: for ``folder``: a labelled folder (``<class>/<image>``) to probe on.
-        probe_train_root: for ``folder``: a labelled folder to fit probes on; default ``root`` itself
-            when it has class sub-folders (a flat ``root`` then has no probes).
+        test_root: for ``folder`` and ``shards``: a labelled folder (``<class>/<image>``) to probe on.
+        probe_train_root: for ``folder`` and ``shards``: a labelled folder to fit probes on; for ``folder``
+            default ``root`` itself when it has class sub-folders (a flat ``root`` then has no probes).
         views: how an image becomes views; default two SimCLR views.
         image_size, mean, std, crop_pct, interpolation: the preprocessing, saved into checkpoints.
             ``mean``/``std`` default to the dataset's own statistics.
@@ -170,8 +173,8 @@ class SSLDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size={batch_size} must be a positive integer")
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} must be >= 0")
-        if probe_train_root is not None and dataset != "folder":
-            raise ValueError(f"data.probe_train_root={probe_train_root!r} is only for dataset 'folder'; "
+        if probe_train_root is not None and dataset not in FOLDER_PROBES:
+            raise ValueError(f"data.probe_train_root={probe_train_root!r} is only for dataset 'folder' or 'shards'; "
                              f"{dataset!r} brings its own probe-train split: remove it")
         self.dataset, self.root, self.test_root = dataset, root, test_root
         self.probe_train_root = probe_train_root
@@ -191,7 +194,8 @@ class SSLDataModule(L.LightningDataModule):
         if which not in SPLITS:
             raise ValueError(f"split {which!r} is not one of {SPLITS}")
         if which not in self._sources:
-            self._sources[which] = self._folder_split(which) if self.dataset == "folder" else self._spec_split(which)
+            self._sources[which] = (self._folder_split(which) if self.dataset in FOLDER_PROBES
+                                    else self._spec_split(which))
         return self._sources[which]
 
     def _spec_split(self, which: str) -> Dataset | None:
@@ -226,11 +230,12 @@ class SSLDataModule(L.LightningDataModule):
         missing = []
         if self.split("probe_train") is None:
             missing.append("data.root is a flat folder without class sub-folders; set data.probe_train_root to a "
-                           "labelled folder" if self.dataset == "folder" else
+                           "labelled folder" if self.dataset == "folder" else "tar shards are for pretraining; set "
+                           "data.probe_train_root to a labelled folder" if self.dataset == "shards" else
                            f"dataset {self.dataset!r} has no labelled probe-train split")
         if self.split("test") is None:
             missing.append("no labelled test split; set data.test_root to a labelled folder"
-                           if self.dataset == "folder" else f"dataset {self.dataset!r} has no labelled test split")
+                           if self.dataset in FOLDER_PROBES else f"dataset {self.dataset!r} has no labelled test split")
         return "probes skipped: " + "; ".join(missing) if missing else None
 
     @property
@@ -247,10 +252,13 @@ class SSLDataModule(L.LightningDataModule):
     # -- loaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         train = ViewDataset(self.split("train"), self.views, self.strict_images, self.preprocessing.image_size)
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        if isinstance(train.images, ShardSource):  # streamed: dealt to ranks and workers, full batches only
+            return shard_loader(train, self.batch_size, seed, self.num_workers, collate_views,
+                                self._training_progress if self.trainer is not None else None)
         if self.drop_last and len(train) < self.batch_size:
             raise ValueError(f"the training set has {len(train)} images, fewer than data.batch_size="
                              f"{self.batch_size}; lower the batch size or set data.drop_last=false")
-        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         loader = ResumableLoader(train, batch_size=self.batch_size, sampler=ResumableSampler(train, seed),
                                  drop_last=self.drop_last, num_workers=self.num_workers, collate_fn=collate_views,
                                  persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
@@ -284,5 +292,7 @@ class SSLDataModule(L.LightningDataModule):
         view = EvalView()
         view.bind(self.preprocessing)
         dataset = ViewDataset(images, view, self.strict_images)
+        if isinstance(images, ShardSource):  # streamed, not map-style
+            return eval_loader(dataset, self.eval_batch_size, collate_views)
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
                           collate_fn=collate_views)

@@ -144,7 +144,7 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
 
         data.setup("fit")
-        batches, fixed = endless_batches(data.train_dataloader())
+        batches, fixed = endless_batches(data.train_dataloader(), data.prepare_batch)
         flops, peak = count_flops(lambda: step(fixed)), matmul_peak_gflops()
         seconds = time_steps(step, batches, args.steps)
         report(f"baseline (lightly blocks) {name} fp32 with data", data.batch_size, seconds, flops, peak,

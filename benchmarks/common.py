@@ -86,9 +86,12 @@ def machine() -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def endless_batches(loader: Iterable[Any]) -> tuple[Iterator[Any], Any]:
-    """Batches from ``loader`` epoch after epoch, and one batch held aside for the data-free timing."""
-    return itertools.chain.from_iterable(itertools.repeat(loader)), next(iter(loader))
+def endless_batches(loader: Iterable[Any], prepare: Callable[[Any], Any] = lambda batch: batch
+                    ) -> tuple[Iterator[Any], Any]:
+    """Batches from ``loader`` epoch after epoch, each finished by ``prepare`` (the data module's
+    ``prepare_batch``: what the Trainer does after the transfer), and one batch held aside for the data-free
+    timing."""
+    return map(prepare, itertools.chain.from_iterable(itertools.repeat(loader))), prepare(next(iter(loader)))
 
 
 def training_step(model: Any, optimizer: torch.optim.Optimizer, precision: str = "fp32",

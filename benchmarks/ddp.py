@@ -44,7 +44,7 @@ def load_recipe(recipe: str, batch_size: int, image_size: int | None):
     cli = SelfSupCLI(SSLMethod, SSLDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(),
                      run=False, auto_configure_optimizers=False, args=args)
     cli.datamodule.setup("fit")
-    return cli.model, next(iter(cli.datamodule.train_dataloader()))
+    return cli.model, cli.datamodule.prepare_batch(next(iter(cli.datamodule.train_dataloader())))
 
 
 class TrainingLoss(nn.Module):

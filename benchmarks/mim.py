@@ -126,7 +126,7 @@ def measure(name: str, args: argparse.Namespace) -> tuple[float, int]:
     crop_scale = (0.67, 1.0) if name == "simmim" else (0.2, 1.0)  # as the recipes (the papers' settings)
     data = SSLDataModule(image_size=args.image_size, batch_size=args.batch_size, num_workers=args.workers,
                          views=MaskedImageView(crop_scale=crop_scale))
-    batches, fixed = endless_batches(data.train_dataloader())
+    batches, fixed = endless_batches(data.train_dataloader(), data.prepare_batch)
     peak = matmul_peak_gflops(torch.bfloat16 if args.precision == "bf16" else torch.float32)
     model = build(name, args).train()
     step = make_step(model, args.precision, clip=5.0 if name == "simmim" else None)

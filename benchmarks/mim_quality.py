@@ -118,7 +118,7 @@ def pretrain(method: SSLMethod, name: str, variant: Variant, data: SSLDataModule
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = schedule.value(step, steps, steps)
-        loss = method.training_loss(next(batches))["loss"]
+        loss = method.training_loss(data.prepare_batch(next(batches)))["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if settings["clip"]:

@@ -49,7 +49,7 @@ def loader_batches(args: argparse.Namespace, local_crops: Crops):
     views = MultiCropViews(Crops(2, 32, (0.14, 1.0)), local_crops, blur_p=args.blur_p)
     data = SSLDataModule(views=views, image_size=32, batch_size=args.batch_size, num_workers=args.workers)
     data.setup("fit")
-    return endless_batches(data.train_dataloader())
+    return endless_batches(data.train_dataloader(), data.prepare_batch)
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ def main() -> None:
     data = SSLDataModule(batch_size=args.batch_size, num_workers=args.workers, image_size=32)
     data.setup("fit")
     for precision, memory_format in itertools.product(args.precisions.split(","), args.memory_formats.split(",")):
-        batches, fixed = endless_batches(data.train_dataloader())
+        batches, fixed = endless_batches(data.train_dataloader(), data.prepare_batch)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         model, opt = build(args, memory_format == "channels_last")
         step = training_step(model, opt, precision)

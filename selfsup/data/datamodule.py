@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -17,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from selfsup.data.datasets import ImageFolder, UnreadableImage, source
 from selfsup.data.shards import ShardSource, eval_loader, shard_loader
 from selfsup.data.sampling import ResumableLoader, ResumableSampler, ignore_termination_in_worker
-from selfsup.data.transforms import ContrastiveViews, EvalView, Preprocessing, ViewTransform
+from selfsup.data.augment import finish_views
+from selfsup.data.transforms import ContrastiveViews, EvalView, Preprocessing, Views, ViewTransform
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "probe_train", "test")  # pretraining, labelled probe-train, labelled test
@@ -39,9 +41,17 @@ class Batch:
     skipped: int = 0
     invalid: int = 0
     meta: dict = field(default_factory=dict)
+    colour: list[Tensor | None] | None = None  # per view, (B, 11) parameters the device applies (augment.py)
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def pin_memory(self) -> Batch:
+        """The batch with every tensor in page-locked memory (the DataLoader's ``pin_memory=True`` calls this),
+        so the host-to-device copies can run asynchronously."""
+        colour = None if self.colour is None else [None if c is None else c.pin_memory() for c in self.colour]
+        return replace(self, views=[v.pin_memory() for v in self.views], labels=self.labels.pin_memory(),
+                       index=self.index.pin_memory(), colour=colour)
 
 
 class Sample(NamedTuple):
@@ -52,6 +62,7 @@ class Sample(NamedTuple):
     index: int
     skipped: int = 0  # unreadable files met while making this sample
     invalid: bool = False  # a placeholder: every draw was unreadable
+    colour: list[Tensor | None] | None = None  # per view, the colour parameters left to the device
 
 
 def replacement_index(seed: int, attempt: int, num_images: int) -> int:
@@ -83,43 +94,49 @@ class ViewDataset(Dataset):
         """``item`` is an index, or ``(index, seed)``: then the views are drawn from that seed alone, so
         they do not depend on the worker, the rank or a resume (see :mod:`selfsup.data.sampling`)."""
         if not isinstance(item, tuple):
-            read = self._read(item)
-            return None if read is None else Sample(self.views(read[0]), read[1], item)
+            return self._attempt(lambda: self._make(*self.images[item], item, None))
         return self.training_sample(*item)
 
     def training_sample(self, index: int, seed: int) -> Sample:
         """The sample for ``(index, seed)``: the image itself, a seeded replacement, or a placeholder."""
         for attempt in range(MAX_REPLACEMENT_ATTEMPTS + 1):
             real = index if attempt == 0 else replacement_index(seed, attempt, len(self.images))
-            read = self._read(real)
-            if read is not None:
-                return self.sample(read[0], read[1], real, seed, skipped=attempt)
+            sample = self._attempt(lambda: self._make(*self.images[real], real, seed, skipped=attempt))
+            if sample is not None:
+                return sample
         log.warning("sample %d: the image and %d replacement draws were all unreadable; a black placeholder "
                     "keeps the batch size and the step is skipped", index, MAX_REPLACEMENT_ATTEMPTS)
         placeholder = Image.new("RGB", (self.placeholder_size, self.placeholder_size))
-        return Sample(self._seeded_views(placeholder, seed), -1, index, MAX_REPLACEMENT_ATTEMPTS + 1, True)
+        return self._make(placeholder, -1, index, seed, MAX_REPLACEMENT_ATTEMPTS + 1)._replace(invalid=True)
 
-    def _read(self, index: int) -> tuple | None:
-        """``(image, label)``, or ``None`` (with a warning) for an unreadable file unless strict."""
+    def sample(self, image: object, label: int, index: int, seed: int, skipped: int = 0) -> Sample | None:
+        """The training :class:`Sample` of an image (decoded, or opened lazily), its views drawn from ``seed``
+        alone; ``None`` (with a warning) when the image turns out unreadable while decoding, unless strict.
+        Sources that are not map-style (tar shards) build their samples through this too."""
+        return self._attempt(lambda: self._make(image, label, index, seed, skipped))
+
+    def _make(self, image: object, label: int, index: int, seed: int | None, skipped: int = 0) -> Sample:
+        if seed is None:
+            out = self.views(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                # the CPU generator only: torch.manual_seed also seeds every accelerator backend and costs
+                # ~150 us per sample, as much as the whole MAE augmentation
+                torch.default_generator.manual_seed(seed)
+                out = self.views(image)
+        if isinstance(out, Views):
+            return Sample(out.images, label, index, skipped, colour=out.colour)
+        return Sample(out, label, index, skipped)
+
+    def _attempt(self, make: Callable[[], Sample]) -> Sample | None:
+        """``make()``, or ``None`` (with a warning) for an unreadable file (reading or decoding) unless strict."""
         try:
-            return self.images[index]
+            return make()
         except UnreadableImage as err:
             if self.strict:
                 raise
             log.warning("skipping unreadable image: %s", err)
             return None
-
-    def sample(self, image: object, label: int, index: int, seed: int, skipped: int = 0) -> Sample:
-        """The training :class:`Sample` of a decoded (or lazily opened) image, its views drawn from ``seed``
-        alone. Sources that are not map-style (tar shards) build their samples through this too."""
-        return Sample(self._seeded_views(image, seed), label, index, skipped=skipped)
-
-    def _seeded_views(self, image: object, seed: int) -> list[Tensor]:
-        with torch.random.fork_rng(devices=[]):
-            # the CPU generator only: torch.manual_seed also seeds every accelerator backend and costs
-            # ~150 us per sample, as much as the whole MAE augmentation
-            torch.default_generator.manual_seed(seed)
-            return self.views(image)
 
 
 def collate_views(samples: list) -> Batch:
@@ -133,8 +150,19 @@ def collate_views(samples: list) -> Batch:
                      skipped=skipped)
     views = [torch.stack([s.views[v] for s in good]) for v in range(len(good[0].views))]
     labels = torch.tensor([s.label for s in good], dtype=torch.long)
+    colour = None
+    if good[0].colour is not None and any(c is not None for c in good[0].colour):
+        colour = [None if good[0].colour[v] is None else torch.stack([s.colour[v] for s in good])
+                  for v in range(len(views))]
     return Batch(views=views, labels=labels, index=torch.tensor([s.index for s in good]), skipped=skipped,
-                 invalid=invalid)
+                 invalid=invalid, colour=colour)
+
+
+def finish_batch(batch: Batch, preprocessing: Preprocessing) -> Batch:
+    """The batch with its uint8 views augmented (where the workers left the colour steps) and normalised with
+    ``preprocessing``'s mean and std, on whatever device the views are; float views pass through."""
+    views = finish_views(batch.views, batch.colour, preprocessing.mean, preprocessing.std)
+    return replace(batch, views=views, colour=None)
 
 
 class SSLDataModule(L.LightningDataModule):
@@ -157,6 +185,10 @@ class SSLDataModule(L.LightningDataModule):
         batch_size: per device. The global batch is ``batch_size * devices * nodes * accumulation``.
         strict_images: raise on an unreadable image instead of replacing (training) or dropping (eval) it.
         seed: the data order and augmentation seed; ``None`` takes ``seed_everything``'s (else 0).
+        device_augment: run the colour steps (jitter, grayscale, blur, solarisation) batched on the training
+            device after the transfer, so loader workers only decode, crop, resize and flip; ``False`` runs
+            them per sample on the workers. Both draw the same parameters from the sample seeds. Either way
+            the workers ship uint8 views and :meth:`prepare_batch` normalises them on the device.
     """
 
     def __init__(self, dataset: str = "fashion_mnist_embedded", root: str | None = None,
@@ -164,7 +196,8 @@ class SSLDataModule(L.LightningDataModule):
                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                  crop_pct: float = 1.0, interpolation: str = "bilinear", batch_size: int = 256,
                  eval_batch_size: int = 512, num_workers: int = 2, strict_images: bool = False,
-                 drop_last: bool = True, seed: int | None = None, probe_train_root: str | None = None):
+                 drop_last: bool = True, seed: int | None = None, probe_train_root: str | None = None,
+                 device_augment: bool = True):
         super().__init__()
         self.save_hyperparameters(ignore=["views"])  # in checkpoints: `selfsup eval` rebuilds the splits from them
         self.seed = seed
@@ -182,6 +215,7 @@ class SSLDataModule(L.LightningDataModule):
                                            std=std or self.spec.info.std, crop_pct=crop_pct,
                                            interpolation=interpolation)
         self.views = views if views is not None else ContrastiveViews()
+        self.device_augment = self.views.device_augment = device_augment
         self.views.bind(self.preprocessing)
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.strict_images, self.drop_last = strict_images, drop_last
@@ -248,6 +282,16 @@ class SSLDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.split("train")
+
+    # -- on the device -------------------------------------------------------------------------
+    def prepare_batch(self, batch: Any) -> Any:
+        """Finish a batch on its device: colour augmentation (where the workers left it) and normalisation
+        of the uint8 views. The Trainer calls this after each host-to-device copy
+        (:meth:`on_after_batch_transfer`); call it yourself on batches taken from the loaders by hand."""
+        return finish_batch(batch, self.preprocessing) if isinstance(batch, Batch) else batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.prepare_batch(batch)
 
     # -- loaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -142,31 +142,55 @@ class ImageFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        """The image opened but not decoded (the view transform decodes it), and its label."""
         path, label = self.files[index]
         return load_image(path), label
 
 
-def load_image(path: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
-    """Decode an image file to 8-bit RGB, or raise :class:`UnreadableImage` saying why.
-
-    ``path`` is a file name or an open binary file (a tar member's bytes in a ``BytesIO``); ``name`` is
-    what errors call it (default: ``path``)."""
-    name = str(path) if name is None else name
+def load_image(path: str | os.PathLike | IO[bytes], name: str | None = None) -> Image.Image:
+    """Open an image file (a path, or a binary file object such as a tar member's bytes) without decoding it:
+    its size is known from the header, and :func:`decode_image` decodes it later (a JPEG at reduced size
+    where the crops allow). ``name`` is what errors call it (default: the path). Raises
+    :class:`UnreadableImage` saying why when even the header cannot be read."""
+    name = _name(path) if name is None else name
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(img, dtype=np.float64)
-                scale = 255.0 / max(array.max(), 1.0)
-                img = Image.fromarray((array * scale).astype(np.uint8), mode="L")
-            rgb = img.convert("RGB")
+        img = Image.open(path)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise UnreadableImage(f"{name}: {err}") from err
-    if min(rgb.size) < 1:
-        raise UnreadableImage(f"{name}: empty image {rgb.size}")
-    return rgb
+    if min(img.size) < 1:
+        raise UnreadableImage(f"{name}: empty image {img.size}")
+    img.selfsup_name = name  # for decode_image's errors
+    return img
 
 
+def decode_image(image: Image.Image | torch.Tensor, min_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Decode an opened image to an 8-bit RGB ``uint8`` tensor ``(3, H, W)`` (a tensor passes through).
+
+    ``min_size=(width, height)``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (PIL's ``draft``, DCT
+    scaling in libjpeg) as long as the result is at least that size, which is much faster for large files.
+    16-bit images are scaled to 8 bits by their maximum. Raises :class:`UnreadableImage` on a bad file."""
+    if isinstance(image, torch.Tensor):
+        return image
+    opened = image
+    try:
+        if min_size is not None and image.format == "JPEG":
+            image.draft("RGB", min_size)
+        image.load()
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image, dtype=np.float64)
+            scale = 255.0 / max(array.max(), 1.0)
+            image = Image.fromarray((array * scale).astype(np.uint8), mode="L")
+        rgb = np.array(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        name = getattr(opened, "selfsup_name", None) or _name(getattr(opened, "filename", None) or opened)
+        raise UnreadableImage(f"{name}: {err}") from err
+    finally:
+        opened.close()
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def _name(path: Any) -> str:
+    return str(path) if isinstance(path, (str, os.PathLike)) else f"<{type(path).__name__}>"
 
 
 def torchvision_dataset(name: str) -> Callable[..., Dataset]:

@@ -184,7 +184,8 @@ def _warn_and_continue(error: Exception) -> bool:
 
 
 def decode_record(record: dict) -> tuple[Image.Image, int]:
-    """A record's image (RGB) and label (``-1`` without a ``.cls``), or :class:`UnreadableImage`."""
+    """A record's image (opened, decoded later by the views) and label (``-1`` without a ``.cls``), or
+    :class:`UnreadableImage`."""
     name = f"{record.get('__url__')}:{record.get('__key__')}"
     suffix = next((s for s in IMAGE_SUFFIXES if s in record), None)
     if suffix is None:
@@ -335,7 +336,9 @@ class ShardStream(IterableDataset):
                     raise
                 log.warning("skipping unreadable record: %s", err)
                 continue
-            return self.views.sample(image, label, index, seed, skipped=attempt)
+            sample = self.views.sample(image, label, index, seed, skipped=attempt)  # None: it failed to decode
+            if sample is not None:
+                return sample
         log.warning("record %d and the %d after it are unreadable; a black placeholder keeps the batch size and the "
                     "step is skipped", planned, MAX_NEXT_RECORDS)
         black = Image.new("RGB", (self.views.placeholder_size, self.views.placeholder_size))

@@ -118,6 +118,10 @@ class Encoder(nn.Module):
     def match_channels(self, x: Tensor) -> Tensor:
         """``x`` as the encoder sees it: grey images repeated to ``in_chans`` channels (a view, no copy);
         methods that reconstruct pixels use it for their targets."""
+        if not x.is_floating_point():
+            raise TypeError(f"the encoder got {x.dtype} images: loader batches carry uint8 views, which are augmented "
+                            "and normalised on the device after the transfer; the Trainer does it, and by hand call "
+                            "datamodule.prepare_batch(batch) first")
         if x.shape[1] == self.in_chans:
             return x
         if x.shape[1] == 1:

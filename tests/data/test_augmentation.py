@@ -5,6 +5,7 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 
+from selfsup.data.augment import finish_views
 from selfsup.data.transforms import (Augmentation, ContrastiveViews, Crops, MaskedImageView, MultiCropViews,
                                      Preprocessing)
 
@@ -94,10 +95,12 @@ def test_views_reject_bad_probabilities_when_configured(make):
 def test_views_apply_the_runs_preprocessing(views, settings):
     """Each view is the reference pipeline with the bound preprocessing's size, mean and std."""
     mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
-    views.bind(Preprocessing(image_size=20, mean=mean, std=std))
+    views.bind(Preprocessing(image_size=20, mean=mean, std=std))  # device_augment=False: colour on the worker
     x = _images()["rgb tensor"]
     torch.manual_seed(7)
-    got = views(x)
+    out = views(x)
+    assert all(v.dtype == torch.uint8 for v in out.images) and out.colour == [None] * len(out.images)
+    got = [v[0] for v in finish_views([v[None] for v in out.images], None, mean, std)]  # as on the device
     torch.manual_seed(7)
     expected = [_compose(*setting, mean=mean, std=std)(x) for setting in settings]
     assert len(got) == len(expected)
@@ -125,6 +128,6 @@ def test_masked_image_view_crops_with_the_preprocessing_interpolation():
             torch.manual_seed(seed)
             expected = reference(image)
             torch.manual_seed(seed)
-            crops[mode] = _masked_view(mode)(image)[0]
+            crops[mode] = finish_views([_masked_view(mode)(image).images[0][None]], None, (0.5,), (0.25,))[0][0]
             torch.testing.assert_close(crops[mode], expected.as_subclass(torch.Tensor), rtol=0, atol=1e-6)
         assert (crops["bicubic"] - crops["bilinear"]).abs().max() > 0.05

@@ -18,9 +18,9 @@ def _image() -> torch.Tensor:
 def test_global_crops_come_first_then_local_crops():
     views = MultiCropViews(Crops(2, 32, (0.14, 1.0)), Crops(4, 16, (0.05, 0.14)))
     views.bind(GRAY)
-    out = views(_image())
+    out = views(_image()).images
     assert [tuple(v.shape) for v in out] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 4
-    assert all(v.dtype == torch.float32 for v in out)
+    assert all(v.dtype == torch.uint8 for v in out)  # normalised on the device, after the transfer
     assert not torch.equal(out[0], out[1]) and not torch.equal(out[2], out[3])   # independent crops
 
 
@@ -29,9 +29,10 @@ def test_paper_defaults_and_augmentations_on_every_crop():
     assert (views.global_crops.count, views.global_crops.size, tuple(views.global_crops.scale)) == (2, 224, (0.14, 1.0))
     assert (views.local_crops.count, views.local_crops.size, tuple(views.local_crops.scale)) == (6, 96, (0.05, 0.14))
     views.bind(Preprocessing(image_size=224))
-    assert [tuple(v.shape) for v in views(torch.zeros(3, 256, 256, dtype=torch.uint8))] == \
+    assert [tuple(v.shape) for v in views(torch.zeros(3, 256, 256, dtype=torch.uint8)).images] == \
         [(3, 224, 224)] * 2 + [(3, 96, 96)] * 6
-    for pipeline, size, scale in zip(views.pipelines, (224, 96), [(0.14, 1.0), (0.05, 0.14)]):
+    assert [count for _, count in views.groups] == [2, 6]
+    for (pipeline, _), size, scale in zip(views.groups, (224, 96), [(0.14, 1.0), (0.05, 0.14)]):
         assert isinstance(pipeline.crop, T.RandomResizedCrop)
         assert (tuple(pipeline.crop.size), tuple(pipeline.crop.scale)) == ((size, size), scale)
         assert (pipeline.jitter_p, pipeline.grayscale_p, pipeline.blur_p) == (0.8, 0.2, 0.5)
@@ -41,7 +42,7 @@ def test_paper_defaults_and_augmentations_on_every_crop():
 def test_no_local_crops_is_plain_two_crop():
     views = MultiCropViews(Crops(2, 32, (0.14, 1.0)), Crops(0, 16, (0.05, 0.14)))
     views.bind(GRAY)
-    assert [tuple(v.shape) for v in views(_image())] == [(1, 32, 32)] * 2
+    assert [tuple(v.shape) for v in views(_image()).images] == [(1, 32, 32)] * 2
 
 
 @pytest.mark.parametrize("global_crops, local_crops, match", [
@@ -75,7 +76,7 @@ def test_batches_group_by_resolution_and_encode_once_per_resolution():
     views = MultiCropViews(Crops(2, 16, (0.3, 1.0)), Crops(3, 8, (0.1, 0.3)))
     data = SSLDataModule(views=views, image_size=16, batch_size=4, num_workers=0)
     data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
+    batch = data.prepare_batch(next(iter(data.train_dataloader())))
     assert [tuple(v.shape) for v in batch.views] == [(4, 1, 16, 16)] * 2 + [(4, 1, 8, 8)] * 3
 
     method = SSLMethod(Encoder("test_resnet")).eval()  # BatchNorm per sample, to compare slices

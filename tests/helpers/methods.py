@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup.data.datamodule import Batch, collate_views
-from selfsup.data.transforms import ContrastiveViews, Preprocessing, ViewTransform
+from selfsup.data.datamodule import Batch, collate_views, finish_batch
+from selfsup.data.transforms import ContrastiveViews, Preprocessing, Views, ViewTransform
 from selfsup.models.encoder import Encoder
 
 IMAGE_SIZE = 16
@@ -81,13 +81,15 @@ def build(name: str, seed: int = 0, **overrides) -> tuple:
 
 def synthetic_batch(views: ViewTransform, size: int, seed: int = 0, channels: int = 3) -> Batch:
     """A batch of ``size`` random images through ``views`` (deterministic in ``seed``)."""
-    views.bind(Preprocessing(image_size=IMAGE_SIZE, mean=(0.5,) * channels, std=(0.25,) * channels))
+    preprocessing = Preprocessing(image_size=IMAGE_SIZE, mean=(0.5,) * channels, std=(0.25,) * channels)
+    views.bind(preprocessing)
     rng = np.random.default_rng(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         samples = [(views(torch.from_numpy(rng.integers(0, 256, (channels, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8))),
                     -1, i) for i in range(size)]
-    return collate_views(samples)
+    samples = [(out.images, label, i) if isinstance(out, Views) else (out, label, i) for out, label, i in samples]
+    return finish_batch(collate_views(samples), preprocessing)
 
 
 def register_tiny_source(num_images: int = 32, channels: int = 3, seed: int = 0) -> str:

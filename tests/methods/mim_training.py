@@ -34,7 +34,7 @@ def held_out_loss_drop(method: SSLMethod, steps: int, lr: float = 2e-3, batch_si
     torch.set_num_threads(1)  # tiny models: a second thread only adds contention on a shared machine
     try:
         for batch in itertools.islice(itertools.cycle(data.train_dataloader()), steps):
-            loss = method.training_loss(batch)["loss"]
+            loss = method.training_loss(data.prepare_batch(batch))["loss"]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -35,7 +35,7 @@ def test_two_views_equal_the_standard_nt_xent(temperature):
 def test_simclr_trains_on_four_views():
     data = SSLDataModule(views=ContrastiveViews(num_views=4), image_size=16, batch_size=8, num_workers=0)
     data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
+    batch = data.prepare_batch(next(iter(data.train_dataloader())))
     assert len(batch.views) == 4 and all(v.shape == (8, 1, 16, 16) for v in batch.views)
     model = SimCLR(Encoder("test_resnet"), proj_hidden_dim=32, proj_dim=16, temperature=0.5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

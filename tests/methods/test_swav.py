@@ -351,6 +351,6 @@ def test_short_run_beats_random_init_in_knn(tmp_path):
     trained, random = _knn_top1(model.encoder, data), _knn_top1(random_init, data)
     with torch.no_grad():  # the same number of batches through the random encoder: BatchNorm statistics only
         for batch in itertools.islice(data.train_dataloader(), 15):
-            random_init(torch.cat(batch.views[:2]))
+            random_init(torch.cat(data.prepare_batch(batch).views[:2]))
     random_fitted_norm = _knn_top1(random_init, data)
     assert trained > max(random, random_fitted_norm) + 0.15, (trained, random, random_fitted_norm)

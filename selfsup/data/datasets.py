@@ -21,9 +21,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from selfsup.data.index import IMAGE_EXTENSIONS, FileIndex, file_index
+from selfsup.data.index import existing_dir as _existing_dir
+
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -112,38 +114,29 @@ class ImageFolder(Dataset):
     :class:`UnreadableImage` so the pipeline can skip and count it. ``classes`` fixes the class list
     (and so the label of each sub-folder), e.g. a test split labelled with its probe-train split's
     classes: a class folder missing here keeps the others' labels; an unknown one is an error.
+
+    The folder is listed once into a :class:`~selfsup.data.index.FileIndex` (numpy arrays, which
+    DataLoader workers read without copying), cached on disk while its directories are unchanged and,
+    under ``torch.distributed``, listed on rank 0 and broadcast: every rank must build it together
+    (``SSLDataModule.setup`` does). ``cache=False`` lists afresh without reading or writing the cache.
     """
 
-    def __init__(self, root: str | os.PathLike, labelled: bool | None = None, classes: list[str] | None = None):
+    def __init__(self, root: str | os.PathLike, labelled: bool | None = None, classes: list[str] | None = None,
+                 cache: bool = True):
         self.root = _existing_dir(root, "folder")
-        subdirs = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        labelled = classes is not None or (bool(subdirs) if labelled is None else labelled)
-        if labelled and not subdirs:
-            raise ValueError(f"{self.root} has no class sub-folders (<root>/<class>/<image>); a labelled split "
-                             "needs them (pass labelled=False for a flat, unlabeled folder)")
-        if classes is not None:
-            unknown = [d for d in subdirs if d not in classes]
-            if unknown:
-                raise ValueError(f"{self.root} has class folder(s) {unknown} that the probe-train split does not "
-                                 f"have; its classes are {list(classes)}: rename or remove those folders")
-        self.classes = list(classes) if classes is not None else subdirs if labelled else []
-        files: list[tuple[str, int]] = []
-        for label, sub in enumerate(self.classes or [""]):
-            if not (self.root / sub).is_dir():
-                continue  # a class absent from this split
-            for dirpath, _, names in sorted(os.walk(self.root / sub, followlinks=True)):
-                files += [(os.path.join(dirpath, n), label if labelled else -1)
-                          for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
-        if not files:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
-        self.files = files
+        self.index = file_index(self.root, labelled, classes, cache)
+        self.classes = list(self.index.classes)
+
+    @property
+    def files(self) -> FileIndex:
+        """The ``(path, label)`` of every image, in order: the :class:`~selfsup.data.index.FileIndex`."""
+        return self.index
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.index)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path, label = self.files[index]
-        return load_image(path), label
+        return load_image(self.index.path(index)), self.index.label(index)
 
 
 def load_image(path: str) -> Image.Image:
@@ -161,8 +154,6 @@ def load_image(path: str) -> Image.Image:
     if min(rgb.size) < 1:
         raise UnreadableImage(f"{path}: empty image {rgb.size}")
     return rgb
-
-
 
 
 def torchvision_dataset(name: str) -> Callable[..., Dataset]:
@@ -232,14 +223,3 @@ def source(name: str) -> SourceSpec:
 def _check_split(split: str, allowed: tuple[str, ...]) -> None:
     if split not in allowed:
         raise ValueError(f"split={split!r} is not one of {allowed}")
-
-
-def _existing_dir(root: Any, what: str) -> Path:
-    if root is None:
-        raise ValueError(f"dataset {what!r} needs a root directory (data.root)")
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"dataset path {str(path)!r} does not exist")
-    if not path.is_dir():
-        raise NotADirectoryError(f"dataset path {str(path)!r} is not a directory")
-    return path

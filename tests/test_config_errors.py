@@ -7,9 +7,7 @@ import re
 
 import pytest
 
-from selfsup.cli import SelfSupCLI, main, trainer_defaults
-from selfsup.data.datamodule import SSLDataModule
-from selfsup.methods.base import SSLMethod
+from selfsup.cli import SelfSupCLI, main, selfsup_cli
 from selfsup.checkpoint import AtomicCheckpointIO
 from selfsup.run import (DataHealth, ExactResume, InitFrom, NonFiniteGuard, PreemptionCheckpoint,
                          SyncBatchNormPlugin)
@@ -42,9 +40,7 @@ def test_bad_value_names_the_key(recipe, key, value, message, tmp_path, capsys):
 
 
 def _cli(tmp_path, *args: str) -> SelfSupCLI:
-    return SelfSupCLI(SSLMethod, SSLDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(),
-                      run=False, auto_configure_optimizers=False,
-                      args=["--config", SIMCLR, "--trainer.default_root_dir", str(tmp_path), *args])
+    return selfsup_cli(["--config", SIMCLR, "--trainer.default_root_dir", str(tmp_path), *args], run=False)
 
 
 def test_cli_installs_atomic_checkpoints_the_run_callbacks_and_cpu_sync_batchnorm(tmp_path):

@@ -21,8 +21,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from selfsup.data.datamodule import SSLDataModule
 from selfsup.methods.base import SSLMethod
-from selfsup.run import (DataHealth, ExactResume, InitFrom, NonFiniteGuard, PreemptionCheckpoint, default_plugins,
-                         find_resume_checkpoint)
+from selfsup.run import (DataHealth, DataWait, ExactResume, InitFrom, NonFiniteGuard, PreemptionCheckpoint,
+                         default_plugins, find_resume_checkpoint)
 
 ROOT_DIR_PLACEHOLDER = "<trainer.default_root_dir>"  # a logger's save_dir that follows the run directory
 DEFAULT_DATAMODULE = f"{SSLDataModule.__module__}.{SSLDataModule.__qualname__}"  # `data:` without a class_path
@@ -35,9 +35,9 @@ class SelfSupCLI(LightningCLI):
     resume). ``--ckpt_path last`` resumes from the newest complete ``last.ckpt`` or ``hpc_ckpt_N.ckpt``
     (:func:`selfsup.run.find_resume_checkpoint`). The run callbacks of :mod:`selfsup.run` are installed,
     each a YAML group: ``resume`` (exact resume), ``nonfinite`` (the guard), ``data_health``,
-    ``preemption`` (SIGTERM saves ``last.ckpt``) and ``init_from``. Checkpoints are written atomically,
-    and ``--trainer.sync_batchnorm true`` uses a SyncBatchNorm that also runs on CPU. ``data:`` is an
-    :class:`SSLDataModule` unless it names another data module's ``class_path``."""
+    ``data_wait`` (``data/wait_fraction``), ``preemption`` (SIGTERM saves ``last.ckpt``) and ``init_from``.
+    Checkpoints are written atomically, and ``--trainer.sync_batchnorm true`` uses a SyncBatchNorm that also
+    runs on CPU. ``data:`` is an :class:`SSLDataModule` unless it names another data module's ``class_path``."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -46,6 +46,7 @@ class SelfSupCLI(LightningCLI):
         parser.add_lightning_class_args(ExactResume, "resume")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(DataHealth, "data_health")
+        parser.add_lightning_class_args(DataWait, "data_wait")
         parser.add_lightning_class_args(InitFrom, "init_from")
         # Without the version counter a resumed run writes last.ckpt again instead of last-v1.ckpt: the
         # counter skips every existing name but the callback's own last_model_path, which a resume from a

@@ -3,7 +3,8 @@
     selfsup fit --config recipes/demo/simclr.yaml [--trainer.max_epochs 5] [--ckpt_path last]
 
 The YAML keys are the ``__init__`` arguments of the model (an :class:`SSLMethod` subclass), the
-:class:`SSLDataModule` and the Trainer, as LightningCLI exposes them.
+data module and the Trainer, as LightningCLI exposes them. The data module is :class:`SSLDataModule`
+unless ``data:`` names another ``LightningDataModule`` by ``class_path``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from lightning.pytorch.cli import LightningCLI
 
 from selfsup.data.datamodule import SSLDataModule
 from selfsup.methods.base import SSLMethod
-from selfsup.run import (DataHealth, ExactResume, InitFrom, NonFiniteGuard, PreemptionCheckpoint, default_plugins,
-                         find_resume_checkpoint)
+from selfsup.run import (DataHealth, DataWait, ExactResume, InitFrom, NonFiniteGuard, PreemptionCheckpoint,
+                         default_plugins, find_resume_checkpoint)
 
 ROOT_DIR_PLACEHOLDER = "<trainer.default_root_dir>"  # a logger's save_dir that follows the run directory
+DEFAULT_DATAMODULE = f"{SSLDataModule.__module__}.{SSLDataModule.__qualname__}"  # `data:` without a class_path
 
 
 class SelfSupCLI(LightningCLI):
@@ -33,8 +35,9 @@ class SelfSupCLI(LightningCLI):
     resume). ``--ckpt_path last`` resumes from the newest complete ``last.ckpt`` or ``hpc_ckpt_N.ckpt``
     (:func:`selfsup.run.find_resume_checkpoint`). The run callbacks of :mod:`selfsup.run` are installed,
     each a YAML group: ``resume`` (exact resume), ``nonfinite`` (the guard), ``data_health``,
-    ``preemption`` (SIGTERM saves ``last.ckpt``) and ``init_from``. Checkpoints are written atomically,
-    and ``--trainer.sync_batchnorm true`` uses a SyncBatchNorm that also runs on CPU."""
+    ``data_wait`` (``data/wait_fraction``), ``preemption`` (SIGTERM saves ``last.ckpt``) and ``init_from``.
+    Checkpoints are written atomically, and ``--trainer.sync_batchnorm true`` uses a SyncBatchNorm that also
+    runs on CPU. ``data:`` is an :class:`SSLDataModule` unless it names another data module's ``class_path``."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -43,12 +46,18 @@ class SelfSupCLI(LightningCLI):
         parser.add_lightning_class_args(ExactResume, "resume")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(DataHealth, "data_health")
+        parser.add_lightning_class_args(DataWait, "data_wait")
         parser.add_lightning_class_args(InitFrom, "init_from")
         # Without the version counter a resumed run writes last.ckpt again instead of last-v1.ckpt: the
         # counter skips every existing name but the callback's own last_model_path, which a resume from a
         # checkpoint saved before the first periodic save (SIGTERM, SIGUSR1) does not hold.
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_epochs": 1,
                              "checkpoint.enable_version_counter": False})
+        if self.subclass_mode_data:
+            # The data module when a config names none. jsonargparse reads a `data:` dict without class_path
+            # as the init arguments of the class_path before it, this default, so the recipes' plain
+            # `data: {dataset: ..., batch_size: ...}` and `--data.dataset x` keep meaning SSLDataModule.
+            parser.set_defaults({"data": {"class_path": DEFAULT_DATAMODULE}})
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -124,8 +133,17 @@ def main(args: list[str] | None = None) -> None:
         from selfsup.export import main as export
 
         return export(argv[1:])
-    SelfSupCLI(SSLMethod, SSLDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(),
-               save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
+    selfsup_cli(args)
+
+
+def selfsup_cli(args: list[str] | None = None, run: bool = True) -> SelfSupCLI:
+    """The LightningCLI of ``selfsup fit``/``validate``: any :class:`SSLMethod` as ``model``, and as ``data``
+    any ``LightningDataModule`` by ``class_path``, by default :class:`SSLDataModule` (so a ``data:`` section
+    of its init arguments alone, as the recipes write it, is an ``SSLDataModule``). ``run=False`` parses
+    and instantiates without a subcommand."""
+    return SelfSupCLI(SSLMethod, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      trainer_defaults=trainer_defaults(), save_config_kwargs={"overwrite": True}, args=args,
+                      run=run, auto_configure_optimizers=False)
 
 
 if __name__ == "__main__":

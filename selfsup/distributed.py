@@ -96,22 +96,30 @@ def gather_rows(x: Tensor) -> Tensor:
     return torch.cat([part[: int(s[0])] for part, s in zip(parts, shapes)])
 
 
+_inside_rank_zero = False  # True while rank 0 runs an on_rank_zero function
+
+
 def on_rank_zero(fn: Callable[[], T]) -> T:
     """``fn()`` on rank 0 only, its result broadcast to every rank (every rank must call this).
 
     Work done once (scoring, writing files) without leaving the other ranks waiting in a different
     collective: they wait here, in the one broadcast. An exception on rank 0 is re-raised on every rank,
-    so no rank hangs while another has failed.
+    so no rank hangs while another has failed. Called again inside ``fn`` (rank 0 alone is there, the
+    others wait in the outer broadcast) it just runs its own ``fn``: a nested broadcast would hang.
     """
-    if not is_distributed():
+    global _inside_rank_zero
+    if not is_distributed() or _inside_rank_zero:
         return fn()
     box: list[Any] = [None]
     failure: Exception | None = None
     if rank() == 0:
+        _inside_rank_zero = True
         try:
             box[0] = ("ok", fn())
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
             failure, box[0] = err, ("error", f"{type(err).__name__}: {err}")
+        finally:
+            _inside_rank_zero = False
     dist.broadcast_object_list(box, src=0)
     status, value = box[0]
     if failure is not None:

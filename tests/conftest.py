@@ -1,4 +1,4 @@
-"""Test-wide settings: CPU only, no network, wandb offline in temp dirs, small thread count."""
+"""Test-wide settings: CPU only, no network, wandb offline and selfsup's caches in temp dirs, small thread count."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ _tmp = tempfile.mkdtemp(prefix="selfsup-tests-")
 for key in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
     os.environ.setdefault(key, os.path.join(_tmp, key.lower()))
 os.environ["WANDB_MODE"] = "offline"
+os.environ["SELFSUP_CACHE_DIR"] = os.path.join(_tmp, "selfsup-cache")  # never the user's ~/.cache/selfsup
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 

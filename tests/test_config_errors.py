@@ -7,11 +7,9 @@ import re
 
 import pytest
 
-from selfsup.cli import SelfSupCLI, main, trainer_defaults
-from selfsup.data.datamodule import SSLDataModule
-from selfsup.methods.base import SSLMethod
+from selfsup.cli import SelfSupCLI, main, selfsup_cli
 from selfsup.checkpoint import AtomicCheckpointIO
-from selfsup.run import (DataHealth, ExactResume, InitFrom, NonFiniteGuard, PreemptionCheckpoint,
+from selfsup.run import (DataHealth, DataWait, ExactResume, InitFrom, NonFiniteGuard, PreemptionCheckpoint,
                          SyncBatchNormPlugin)
 
 SIMCLR, MAE = "recipes/demo/simclr.yaml", "recipes/demo/mae.yaml"
@@ -21,6 +19,7 @@ CASES = [
     (SIMCLR, "--model.weight_decay", "-1", r"model\.weight_decay=-1"),
     (SIMCLR, "--model.optimizer", "adam", r"model\.optimizer='adam'"),
     (SIMCLR, "--nonfinite.max_consecutive", "0", r"nonfinite\.max_consecutive=0"),
+    (SIMCLR, "--data_wait.window", "0", r"data_wait\.window=0"),
     (SIMCLR, "--model.temperature", "0", r"model\.temperature=0"),
     (SIMCLR, "--data.batch_size", "0", r"data\.batch_size=0"),
     (SIMCLR, "--data.num_workers", "-1", r"data\.num_workers=-1"),
@@ -42,15 +41,13 @@ def test_bad_value_names_the_key(recipe, key, value, message, tmp_path, capsys):
 
 
 def _cli(tmp_path, *args: str) -> SelfSupCLI:
-    return SelfSupCLI(SSLMethod, SSLDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(),
-                      run=False, auto_configure_optimizers=False,
-                      args=["--config", SIMCLR, "--trainer.default_root_dir", str(tmp_path), *args])
+    return selfsup_cli(["--config", SIMCLR, "--trainer.default_root_dir", str(tmp_path), *args], run=False)
 
 
 def test_cli_installs_atomic_checkpoints_the_run_callbacks_and_cpu_sync_batchnorm(tmp_path):
     trainer = _cli(tmp_path, "--trainer.sync_batchnorm", "true").trainer
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
-    for kind in (PreemptionCheckpoint, ExactResume, NonFiniteGuard, DataHealth, InitFrom):
+    for kind in (PreemptionCheckpoint, ExactResume, NonFiniteGuard, DataHealth, DataWait, InitFrom):
         assert sum(isinstance(c, kind) for c in trainer.callbacks) == 1, kind
     assert isinstance(trainer._accelerator_connector._layer_sync, SyncBatchNormPlugin)
     plain = _cli(tmp_path).trainer

@@ -224,7 +224,8 @@ class SSLDataModule(L.LightningDataModule):
     # -- sources -------------------------------------------------------------------------------
     def split(self, which: str) -> Dataset | None:
         """The raw source for ``"train"`` (pretraining), ``"probe_train"`` (labelled, for probes) or
-        ``"test"`` (labelled); ``None`` when the dataset has no such split."""
+        ``"test"`` (labelled); ``None`` when the dataset has no such split. Built on first use, once;
+        under ``torch.distributed`` call :meth:`setup` first (Lightning does, on every rank)."""
         if which not in SPLITS:
             raise ValueError(f"split {which!r} is not one of {SPLITS}")
         if which not in self._sources:
@@ -281,7 +282,13 @@ class SSLDataModule(L.LightningDataModule):
         return len(classes) if classes else self.spec.info.num_classes
 
     def setup(self, stage: str | None = None) -> None:
-        self.split("train")
+        """Build every split (pretraining, probe-train, test) now, on every rank.
+
+        Building a folder split is a collective under ``torch.distributed`` (rank 0 lists, the index is
+        broadcast), so it must happen on every rank at once: here, not later on first use by a property
+        (``has_labels``, ``num_classes``) or a callback that may run on some ranks only."""
+        for which in SPLITS:
+            self.split(which)
 
     # -- on the device -------------------------------------------------------------------------
     def prepare_batch(self, batch: Any) -> Any:

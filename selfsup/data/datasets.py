@@ -8,6 +8,7 @@ dataset turns into a counted skip (see :mod:`selfsup.data.datamodule`).
 from __future__ import annotations
 
 import gzip
+import importlib
 import logging
 import os
 from collections.abc import Callable
@@ -21,9 +22,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from selfsup.data.index import IMAGE_EXTENSIONS, FileIndex, file_index
+from selfsup.data.index import existing_dir as _existing_dir
+
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -112,39 +115,30 @@ class ImageFolder(Dataset):
     :class:`UnreadableImage` so the pipeline can skip and count it. ``classes`` fixes the class list
     (and so the label of each sub-folder), e.g. a test split labelled with its probe-train split's
     classes: a class folder missing here keeps the others' labels; an unknown one is an error.
+
+    The folder is listed once into a :class:`~selfsup.data.index.FileIndex` (numpy arrays, which
+    DataLoader workers read without copying), cached on disk while its directories are unchanged and,
+    under ``torch.distributed``, listed on rank 0 and broadcast: every rank must build it together
+    (``SSLDataModule.setup`` does). ``cache=False`` lists afresh without reading or writing the cache.
     """
 
-    def __init__(self, root: str | os.PathLike, labelled: bool | None = None, classes: list[str] | None = None):
+    def __init__(self, root: str | os.PathLike, labelled: bool | None = None, classes: list[str] | None = None,
+                 cache: bool = True):
         self.root = _existing_dir(root, "folder")
-        subdirs = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        labelled = classes is not None or (bool(subdirs) if labelled is None else labelled)
-        if labelled and not subdirs:
-            raise ValueError(f"{self.root} has no class sub-folders (<root>/<class>/<image>); a labelled split "
-                             "needs them (pass labelled=False for a flat, unlabeled folder)")
-        if classes is not None:
-            unknown = [d for d in subdirs if d not in classes]
-            if unknown:
-                raise ValueError(f"{self.root} has class folder(s) {unknown} that the probe-train split does not "
-                                 f"have; its classes are {list(classes)}: rename or remove those folders")
-        self.classes = list(classes) if classes is not None else subdirs if labelled else []
-        files: list[tuple[str, int]] = []
-        for label, sub in enumerate(self.classes or [""]):
-            if not (self.root / sub).is_dir():
-                continue  # a class absent from this split
-            for dirpath, _, names in sorted(os.walk(self.root / sub, followlinks=True)):
-                files += [(os.path.join(dirpath, n), label if labelled else -1)
-                          for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
-        if not files:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
-        self.files = files
+        self.index = file_index(self.root, labelled, classes, cache)
+        self.classes = list(self.index.classes)
+
+    @property
+    def files(self) -> FileIndex:
+        """The ``(path, label)`` of every image, in order: the :class:`~selfsup.data.index.FileIndex`."""
+        return self.index
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.index)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         """The image opened but not decoded (the view transform decodes it), and its label."""
-        path, label = self.files[index]
-        return load_image(path), label
+        return load_image(self.index.path(index)), self.index.label(index)
 
 
 def load_image(path: str | os.PathLike | IO[bytes], name: str | None = None) -> Image.Image:
@@ -235,39 +229,72 @@ class SourceSpec:
 
 
 LABELLED = ("train", "train", "test")
-SOURCES: dict[str, SourceSpec] = {
-    "fashion_mnist_embedded": SourceSpec(embedded_fashion_mnist, FASHION_MNIST_INFO, LABELLED),
-    "fashion_mnist": SourceSpec(fashion_mnist, FASHION_MNIST_INFO, LABELLED),
-    "cifar10": SourceSpec(torchvision_dataset("cifar10"),
-                          SourceInfo((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10), LABELLED),
-    "cifar100": SourceSpec(torchvision_dataset("cifar100"),
-                           SourceInfo((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100), LABELLED),
-    # pretrain on the 5k labelled + 100k unlabeled images; probe on the 5k labelled ones only
-    "stl10": SourceSpec(torchvision_dataset("stl10"),
-                        SourceInfo((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 10),
-                        ("train+unlabeled", "train", "test")),
-    "folder": SourceSpec(image_folder, SourceInfo(), LABELLED),  # roots: data.root, probe_train_root, test_root
-}
+_SOURCES: dict[str, SourceSpec] = {}
+
+
+def register_source(name: str, build: Callable[..., Dataset], info: SourceInfo = SourceInfo(),
+                    splits: tuple[str, str | None, str | None] = LABELLED, overwrite: bool = False) -> SourceSpec:
+    """Make ``build`` available as ``SSLDataModule(dataset=name)`` (``data.dataset: name`` in a recipe).
+
+    ``build(split, root=None)`` returns a map-style dataset of ``(image, label)`` pairs: ``image`` a
+    ``uint8`` tensor ``(C, H, W)`` or a PIL image, ``label`` an int (``-1`` when unknown); it may raise
+    :class:`UnreadableImage` for a file it cannot decode. ``root`` is ``data.root``. ``info`` gives the
+    default mean/std and the class count; ``splits`` names the split built for pretraining, for fitting
+    probes and for scoring them (``None``: the source has no such split, so no probes). A name already
+    registered is an error unless ``overwrite=True``. Returns the :class:`SourceSpec`.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"register_source: name={name!r} must be a non-empty string, e.g. 'my_images'")
+    if not callable(build):
+        raise TypeError(f"register_source({name!r}): build={build!r} is not callable; pass a function "
+                        "build(split, root=None) -> Dataset")
+    if name in _SOURCES and not overwrite:
+        raise ValueError(f"a source named {name!r} is already registered ({_describe(_SOURCES[name].build)}); "
+                         "pick another name, or pass overwrite=True to replace it")
+    spec = SourceSpec(build, info, tuple(splits))
+    _SOURCES[name] = spec
+    return spec
+
+
+def _describe(build: Callable[..., Any]) -> str:
+    return f"{getattr(build, '__module__', '?')}.{getattr(build, '__qualname__', type(build).__name__)}"
+
+
+register_source("fashion_mnist_embedded", embedded_fashion_mnist, FASHION_MNIST_INFO)
+register_source("fashion_mnist", fashion_mnist, FASHION_MNIST_INFO)
+register_source("cifar10", torchvision_dataset("cifar10"),
+                SourceInfo((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10))
+register_source("cifar100", torchvision_dataset("cifar100"),
+                SourceInfo((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100))
+# pretrain on the 5k labelled + 100k unlabeled images; probe on the 5k labelled ones only
+register_source("stl10", torchvision_dataset("stl10"),
+                SourceInfo((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 10), ("train+unlabeled", "train", "test"))
+register_source("folder", image_folder)  # roots: data.root, probe_train_root, test_root
 
 
 def source(name: str) -> SourceSpec:
-    """Look up a registered source by name, with a helpful error."""
-    if name not in SOURCES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(SOURCES)}")
-    return SOURCES[name]
+    """Look up a registered source by name, with a helpful error.
+
+    ``"package.module:name"`` imports ``package.module`` first and looks up ``name``, which that module
+    registers when imported: a recipe can name a source of its own (``data.dataset: mylab.sources:scans``)
+    without a line of Python to import it."""
+    if name not in _SOURCES and ":" in name:
+        module, _, registered = name.partition(":")
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            raise ValueError(f"dataset {name!r}: cannot import {module!r} ({err}); is it installed or on "
+                             "PYTHONPATH?") from err
+        if registered not in _SOURCES:
+            raise ValueError(f"dataset {name!r}: importing {module!r} registered no source {registered!r}; "
+                             f"registered sources are {sorted(_SOURCES)}")
+        return _SOURCES[registered]
+    if name not in _SOURCES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(_SOURCES)}, or register your own "
+                         "with selfsup.data.register_source")
+    return _SOURCES[name]
 
 
 def _check_split(split: str, allowed: tuple[str, ...]) -> None:
     if split not in allowed:
         raise ValueError(f"split={split!r} is not one of {allowed}")
-
-
-def _existing_dir(root: Any, what: str) -> Path:
-    if root is None:
-        raise ValueError(f"dataset {what!r} needs a root directory (data.root)")
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"dataset path {str(path)!r} does not exist")
-    if not path.is_dir():
-        raise NotADirectoryError(f"dataset path {str(path)!r} is not a directory")
-    return path

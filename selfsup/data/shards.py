@@ -53,8 +53,8 @@ from webdataset import TarWriter
 from webdataset.tariterators import base_plus_ext, group_by_keys, meta_prefix, meta_suffix, tar_file_expander
 
 import selfsup.distributed as distributed
-from selfsup.data.datasets import (IMAGE_EXTENSIONS, LABELLED, SOURCES, ImageFolder, SourceInfo, SourceSpec,
-                                   UnreadableImage, load_image)
+from selfsup.data.datasets import (IMAGE_EXTENSIONS, LABELLED, ImageFolder, SourceInfo, UnreadableImage, load_image,
+                                   register_source)
 from selfsup.data.sampling import ResumableLoader, ignore_termination_in_worker, sample_seed
 
 log = logging.getLogger(__name__)
@@ -525,7 +525,7 @@ def shard_source(split: str, root: str | None = None, classes: list[str] | None 
     return ShardSource(root) if split == "train" else ImageFolder(root, classes=classes)
 
 
-SOURCES["shards"] = SourceSpec(shard_source, SourceInfo(), LABELLED)  # here: datasets cannot import this module
+register_source("shards", shard_source, SourceInfo(), LABELLED)  # here: datasets cannot import this module
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ scoring path, shared with :class:`selfsup.eval.scorecard.CheckpointScorer`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import warnings
@@ -55,6 +56,10 @@ def resolve_preprocessing(stored: dict[str, Any] | None, overrides: dict[str, An
 def build_data(checkpoint: dict[str, Any], preprocessing: Preprocessing, args: argparse.Namespace) -> EvalData:
     """The labelled data to score on: ``--data``, else the checkpoint's data module, else the embedded set."""
     stored = checkpoint.get("datamodule_hyper_parameters") or {}
+    trained_on = stored.get("_class_path")  # set by `selfsup fit` when data: named a class_path
+    if args.data is None and trained_on is not None and not _is_ssl_datamodule(trained_on):
+        raise ValueError(f"the checkpoint was trained with data module {trained_on!r}, which selfsup eval cannot "
+                         "rebuild; pass --data (a registered source, e.g. folder) with --data-root/--test-root")
     dataset = args.data or stored.get("dataset") or "fashion_mnist_embedded"
     same_source = args.data is None or args.data == stored.get("dataset")
     root = args.data_root or (stored.get("root") if same_source else None)
@@ -65,6 +70,16 @@ def build_data(checkpoint: dict[str, Any], preprocessing: Preprocessing, args: a
                                crop_pct=preprocessing.crop_pct, interpolation=preprocessing.interpolation,
                                eval_batch_size=args.batch_size, num_workers=args.num_workers)
     return EvalData.from_datamodule(datamodule, args.train_size, args.test_size, args.seed, preprocessing)
+
+
+def _is_ssl_datamodule(class_path: str) -> bool:
+    """Whether ``class_path`` names :class:`SSLDataModule` or a subclass (whose stored arguments it reads)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, SSLDataModule)
 
 
 def parse_settings(items: list[str]) -> dict[str, dict[str, Any]]:

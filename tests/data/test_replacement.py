@@ -213,7 +213,7 @@ class StepRecorder(L.Callback):
 def test_a_placeholder_batch_runs_the_loss_then_skips_the_step_and_training_goes_on(tmp_path, monkeypatch):
     name = "all_bad_first"
     source = AllBadFirst(16, bad_reads=4 * (MAX_REPLACEMENT_ATTEMPTS + 1))
-    monkeypatch.setitem(datasets.SOURCES, name, datasets.SourceSpec(lambda split, root=None: source,
+    monkeypatch.setitem(datasets._SOURCES, name, datasets.SourceSpec(lambda split, root=None: source,
                                                                      datasets.SourceInfo(), ("train", None, None)))
     recorder = StepRecorder()
     method, trainer = tiny_fit("simclr", tmp_path, 3, callbacks=[recorder], dataset=name,

@@ -94,13 +94,13 @@ def synthetic_batch(views: ViewTransform, size: int, seed: int = 0, channels: in
 
 def register_tiny_source(num_images: int = 32, channels: int = 3, seed: int = 0) -> str:
     """Register an in-memory unlabeled source of random images; returns its ``data.dataset`` name."""
-    from selfsup.data import datasets
+    from selfsup.data import register_source
 
     name = f"tiny_{num_images}_{channels}_{seed}"
     images = np.random.default_rng(seed).integers(0, 256, (num_images, IMAGE_SIZE, IMAGE_SIZE, channels),
                                                   dtype=np.uint8)
-    datasets.SOURCES[name] = datasets.SourceSpec(functools.partial(_array_source, images),
-                                                 datasets.SourceInfo(), ("train", None, None))
+    # the same name always holds the same images, so registering it again replaces it with its equal
+    register_source(name, functools.partial(_array_source, images), splits=("train", None, None), overwrite=True)
     return name
 
 

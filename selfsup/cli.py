@@ -107,15 +107,16 @@ def trainer_defaults() -> dict:
     }
 
 
-USAGE = """usage: selfsup {fit,validate,eval,export} ...
+USAGE = """usage: selfsup {fit,validate,eval,export,shards} ...
 
   fit        pretrain: selfsup fit --config recipes/demo/simclr.yaml [--ckpt_path last]
   validate   run the validation loop of a recipe (LightningCLI)
   eval       score checkpoints: selfsup eval --ckpt RUN.ckpt --protocols knn,linear,fewshot
   export     write the encoder for timm: selfsup export --ckpt RUN.ckpt --out DIR
+  shards     write an image folder as WebDataset tar shards: selfsup shards write FOLDER OUT
 
 fit and validate take LightningCLI options (--config, --model.*, --data.*, --trainer.*); eval and export
-take their own flags (selfsup eval --help): they configure no Trainer, model or data module class.
+take their own flags (selfsup eval --help), as does shards: they configure no Trainer, model or data module class.
 """
 
 
@@ -129,6 +130,10 @@ def main(args: list[str] | None = None) -> None:
         from selfsup.eval.command import main as evaluate
 
         return evaluate(argv[1:])
+    if argv[0] == "shards":  # writing and indexing tar shards: selfsup/data/shard_writer.py
+        from selfsup.data.shard_writer import main as shards
+
+        return shards(argv[1:])
     if argv[0] == "export":
         from selfsup.export import main as export
 

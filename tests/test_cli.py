@@ -87,8 +87,11 @@ def test_missing_dataset_path_is_named(tmp_path):
 def test_help_lists_every_subcommand(capsys):
     main(["--help"])
     out = capsys.readouterr().out
-    for command in ("fit", "validate", "eval", "export"):
+    for command in ("fit", "validate", "eval", "export", "shards"):
         assert f"\n  {command} " in out, command
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "--protocols" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["shards", "write", "--help"])
+    assert "--max-count" in capsys.readouterr().out

@@ -3,8 +3,9 @@
 ``data.root`` is a folder of ``.tar`` files or a brace pattern (``/data/train-{000000..000127}.tar``). A
 shard holds records, the tar members that share a key, as WebDataset writes them: ``<key>.jpg`` (or
 ``.jpeg``, ``.png``, ``.webp``, ...) and an optional ``<key>.cls``, the integer label as text. They are read
-with webdataset's tar iterators. ``shards.json`` beside the shards gives each shard's record count (the
-writer below makes it; without it rank 0 counts the records from the tar headers, decoding nothing).
+with webdataset's tar iterators. ``shards.json`` beside the shards gives each shard's record count
+(``selfsup shards write``, :mod:`selfsup.data.shard_writer`, makes it; without it rank 0 counts the records
+from the tar headers, decoding nothing).
 
 An epoch, planned alike on every rank from ``(seed, epoch)`` and the counts:
 
@@ -29,17 +30,14 @@ resumed loader skips those records (read, not decoded) and rotates its workers t
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import json
 import logging
-import math
 import os
 import random
 import re
 import tarfile
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -49,7 +47,7 @@ import torch
 from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import TarWriter
+
 from webdataset.tariterators import base_plus_ext, group_by_keys, meta_prefix, meta_suffix, tar_file_expander
 
 import selfsup.distributed as distributed
@@ -86,7 +84,7 @@ def shard_paths(root: str | os.PathLike | None) -> list[str]:
     if os.path.isdir(root):
         paths = sorted(str(p) for p in Path(root).glob("*.tar"))
         if not paths:
-            raise ValueError(f"no .tar shards in {root!r}; write them with `python -m selfsup.data.shards write`")
+            raise ValueError(f"no .tar shards in {root!r}; write them with `selfsup shards write`")
         return paths
     paths = list(braceexpand(root))
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -131,8 +129,8 @@ def record_counts(paths: list[str]) -> list[int]:
             counts.append(count_records(path))
             counted += 1
     if counted:
-        log.info("counted the records of %d shards without an up-to-date %s (write one with `python -m "
-                 "selfsup.data.shards index <root>`)", counted, INDEX)
+        log.info("counted the records of %d shards without an up-to-date %s (write one with `"
+                 "selfsup shards index <root>`)", counted, INDEX)
     return counts
 
 
@@ -171,7 +169,7 @@ class ShardSource:
             for position, record in enumerate(group_by_keys(files, handler=_warn_and_continue)):
                 if count is not None and position >= count:
                     log.warning("%s holds more records than the %d its index says; the rest are ignored: rewrite "
-                                "%s with `python -m selfsup.data.shards index`", path, count, INDEX)
+                                "%s with `selfsup shards index`", path, count, INDEX)
                     return
                 yield position, record
         if count is not None and position + 1 < count:
@@ -255,8 +253,8 @@ class ShardStream(IterableDataset):
         if shards < slots:
             fewer = f"data.num_workers={shards // self.world_size}" if shards >= self.world_size else "fewer ranks"
             raise ValueError(f"{shards} shards cannot feed {self.world_size} ranks x {self.workers} workers = {slots} "
-                             f"loader slots (each slot reads whole shards): write at least {slots} shards (python -m "
-                             f"selfsup.data.shards write ... with a smaller --max-count) or use {fewer}")
+                             f"loader slots (each slot reads whole shards): write at least {slots} shards ("
+                             f"selfsup shards write ... with a smaller --max-count) or use {fewer}")
         batches = batches_per_slot(self.counts, slots, batch_size)
         if batches == 0:
             smallest = sorted(self.counts)[: shards // slots]
@@ -434,91 +432,6 @@ def eval_loader(views: SampleMaker, batch_size: int, collate_fn: Callable) -> Da
     return DataLoader(ShardImages(views), batch_size=batch_size, num_workers=0, collate_fn=collate_fn)
 
 
-# -- the writer -------------------------------------------------------------------------------------
-def _tar_bytes(size: int) -> int:
-    return 512 + -(-size // 512) * 512  # a member's header and its data padded to 512-byte blocks
-
-
-def shard_bounds(record_bytes: list[int], max_count: int, max_size: int) -> list[int]:
-    """Record boundaries of the fewest shards of at most ``max_count`` records and ``max_size`` bytes, all
-    of the same record count (one apart), so that an epoch drops little (see :func:`batches_per_slot`)."""
-    biggest = max(range(len(record_bytes)), key=record_bytes.__getitem__)
-    if record_bytes[biggest] > max_size:
-        raise ValueError(f"record {biggest} takes {record_bytes[biggest]} bytes in a tar, more than --max-size "
-                         f"{max_size}: raise --max-size")
-    total, cumulative = len(record_bytes), [0, *itertools.accumulate(record_bytes)]
-    shards = max(1, math.ceil(total / max_count), math.ceil(cumulative[-1] / max_size))
-    while True:
-        bounds = [round(i * total / shards) for i in range(shards + 1)]
-        if all(cumulative[b] - cumulative[a] <= max_size for a, b in zip(bounds, bounds[1:])):
-            return bounds
-        shards += 1
-
-
-def write_shards(folder: str | os.PathLike, out: str | os.PathLike, max_count: int = 10_000,
-                 max_size: int = 1_000_000_000, seed: int = 0, prefix: str = "shard") -> list[Path]:
-    """Write the images of ``folder`` (class sub-folders become ``.cls`` labels) as tar shards in ``out``,
-    in an order shuffled by ``seed``, with ``shards.json`` (record counts and the class list). Image bytes are
-    copied as they are, not re-encoded (nor checked: the loader skips and counts what does not decode)."""
-    images = ImageFolder(folder)
-    files = list(images.files)
-    random.Random(seed).shuffle(files)  # a shard mixes classes; the loader's buffer mixes only nearby records
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.glob("*.tar")) or (out / INDEX).exists():
-        raise FileExistsError(f"{out} already holds shards: write into an empty folder")
-    labelled = bool(images.classes)
-    sizes = [_tar_bytes(os.path.getsize(path)) + (1024 if labelled else 0) for path, _ in files]
-    bounds = shard_bounds(sizes, max_count, max_size)
-    written, index, now = [], {}, int(time.time())
-    for number, (first, end) in enumerate(zip(bounds, bounds[1:])):
-        path = out / f"{prefix}-{number:06d}.tar"
-        with TarWriter(str(path), encoder=False, mtime=now) as tar:  # a whole second: no pax header per member
-            for key in range(first, end):
-                image, label = files[key]
-                record = {"__key__": f"{key:09d}", Path(image).suffix.lower().lstrip("."): Path(image).read_bytes()}
-                if labelled:
-                    record["cls"] = str(label).encode()
-                tar.write(record)
-        index[path.name] = {"records": end - first, "bytes": path.stat().st_size}
-        written.append(path)
-    write_index(out, index, images.classes)
-    return written
-
-
-def index_shards(root: str) -> Path:
-    """Count the records of existing shards (tar headers only) and write their ``shards.json``."""
-    paths = shard_paths(root)
-    folder = os.path.dirname(paths[0])
-    if any(os.path.dirname(p) != folder for p in paths):
-        raise ValueError(f"the shards of {root!r} are in several folders; index each folder on its own")
-    old = read_index(folder)
-    shards = {**old["shards"], **{os.path.basename(p): {"records": count_records(p), "bytes": os.path.getsize(p)}
-                                  for p in paths}}
-    return write_index(folder, shards, old.get("classes"))
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m selfsup.data.shards", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    write = commands.add_parser("write", help="write an image folder as tar shards with shards.json")
-    write.add_argument("folder", help="images, by class sub-folder (labels) or flat (unlabeled)")
-    write.add_argument("out", help="an empty or new folder for the shards")
-    write.add_argument("--max-count", type=int, default=10_000, help="records per shard at most (10000)")
-    write.add_argument("--max-size", type=int, default=1_000_000_000,
-                       help="bytes of records per shard at most (1e9; tar pads a file to a multiple of 10 KiB)")
-    write.add_argument("--seed", type=int, default=0, help="the order the images are shuffled into (0)")
-    write.add_argument("--prefix", default="shard", help="shard file names: <prefix>-000000.tar (shard)")
-    index = commands.add_parser("index", help="count the records of existing shards and write shards.json")
-    index.add_argument("root", help="a folder of .tar shards or a brace pattern")
-    args = parser.parse_args(argv)
-    if args.command == "write":
-        paths = write_shards(args.folder, args.out, args.max_count, args.max_size, args.seed, args.prefix)
-        print(f"wrote {len(paths)} shards and {INDEX} to {args.out}")
-    else:
-        print(f"wrote {index_shards(args.root)}")
-
-
 def shard_source(split: str, root: str | None = None, classes: list[str] | None = None) -> ShardSource | ImageFolder:
     """The ``shards`` source: pretraining streams the tar shards of ``data.root``; the probe splits are
     labelled folders (``data.probe_train_root``, ``data.test_root``), as for ``folder``."""
@@ -526,6 +439,3 @@ def shard_source(split: str, root: str | None = None, classes: list[str] | None 
 
 
 register_source("shards", shard_source, SourceInfo(), LABELLED)  # here: datasets cannot import this module
-
-if __name__ == "__main__":
-    main()

@@ -171,7 +171,9 @@ class SSLMethod(L.LightningModule):
                                          "global_batch_size": self.global_batch_size()})
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=max(1, len(batch)))
+        # a CPU tensor: Lightning would copy a Python float to the device every step
+        lr = torch.tensor(float(self.optimizers().param_groups[0]["lr"]))
+        self.log("train/lr", lr, batch_size=max(1, len(batch)))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["selfsup"] = {"method": f"{type(self).__module__}.{type(self).__qualname__}",

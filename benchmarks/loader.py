@@ -15,6 +15,7 @@ the training process only receives the batches. Rows:
 
     python benchmarks/loader.py
     python benchmarks/loader.py --baseline /tmp/before
+    python benchmarks/loader.py --draft        # JPEG decoding at reduced size, on a 2048 x 2400 photo
     python benchmarks/loader.py --images 64 --batches 1 --batch-size 16   # smoke
 """
 
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import record  # noqa: E402
 
 from selfsup.data.datamodule import SSLDataModule  # noqa: E402
-from selfsup.data.datasets import embedded_fashion_mnist  # noqa: E402
+from selfsup.data.datasets import decode_image, embedded_fashion_mnist, load_image  # noqa: E402
 from selfsup.data.transforms import ContrastiveViews, Crops, MaskedImageView, MultiCropViews  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -133,12 +134,38 @@ def run(args: argparse.Namespace, folder: Path, only: str | None = None) -> list
     return rows
 
 
+def draft_rows(folder: Path, samples: int = 20) -> list[dict]:
+    """ms per sample of multi-crop views from a large photo (matplotlib's sample JPEG at 2048 x 2400, quality 90):
+    the lazily opened file (decoded at reduced size where the crops allow) against a full decode first."""
+    import matplotlib.cbook
+
+    path = folder.parent / "selfsup-loader-large.jpg"
+    if not path.exists():
+        photo = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+        photo.resize((2048, 2400), Image.LANCZOS).save(path, quality=90)
+    rows = []
+    for name, (groups, make) in PATHS.items():
+        views = make()
+        views.bind(selfsup_loader(folder, views, 2, False).preprocessing)
+        timings = {}
+        for label, full in (("reduced where allowed", False), ("full decode", True)):
+            start = time.perf_counter()
+            for seed in range(samples):
+                torch.manual_seed(seed)
+                image = load_image(str(path))
+                views(decode_image(image) if full else image)
+            timings[label] = 1e3 * (time.perf_counter() - start) / samples
+        rows.append({"path": name, "full_ms": timings["full decode"], "draft_ms": timings["reduced where allowed"]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512, help="JPEGs made from the embedded dataset")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=6, help="timed batches per loader, after the first")
     parser.add_argument("--baseline", default=None, help="another selfsup checkout to measure the same way")
+    parser.add_argument("--draft", action="store_true", help="time JPEG decoding at reduced size on a large photo")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # used for the baseline subprocess
     parser.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "selfsup-loader-jpegs"))
     args = parser.parse_args()
@@ -146,6 +173,12 @@ def main() -> None:
     folder = make_jpegs(args.images, Path(args.folder))
     if args.only:
         print(json.dumps(run(args, folder, args.only)))
+        return
+    if args.draft:
+        print("\n| path (2048 x 2400 JPEG) | full decode ms/sample | reduced decode ms/sample | speed-up |\n|---|---:|---:|---:|")
+        for row in draft_rows(folder):
+            print(f"| {row['path']} | {row['full_ms']:.0f} | {row['draft_ms']:.0f} | {row['full_ms'] / row['draft_ms']:.2f} |")
+            record({"name": f"loader draft {row['path']}", **row})
         return
     rows = run(args, folder)
     if args.baseline:

@@ -198,6 +198,17 @@ def decode_record(record: dict) -> tuple[Image.Image, int]:
 
 
 # -- one epoch: shards dealt to slots, a seeded buffer per slot ------------------------------------
+def open_record(views: SampleMaker, record: dict) -> tuple[Image.Image, int] | None:
+    """:func:`decode_record`, or ``None`` (with a warning) for an unreadable record unless ``views.strict``."""
+    try:
+        return decode_record(record)
+    except UnreadableImage as err:
+        if views.strict:
+            raise
+        log.warning("skipping unreadable record: %s", err)
+        return None
+
+
 def deal(num_shards: int, slots: int, seed: int, epoch: int) -> list[list[int]]:
     """The shards of each slot in one epoch: a ``(seed, epoch)`` permutation dealt round-robin."""
     order = list(range(num_shards))
@@ -327,14 +338,9 @@ class ShardStream(IterableDataset):
             if attempt == len(window):
                 window.append(next(records))
             index, record = window[attempt]
-            try:
-                image, label = decode_record(record)
-            except UnreadableImage as err:
-                if self.views.strict:
-                    raise
-                log.warning("skipping unreadable record: %s", err)
-                continue
-            sample = self.views.sample(image, label, index, seed, skipped=attempt)  # None: it failed to decode
+            opened = open_record(self.views, record)
+            # a record that opens may still fail to decode: then sample() is None too
+            sample = None if opened is None else self.views.sample(*opened, index, seed, skipped=attempt)
             if sample is not None:
                 return sample
         log.warning("record %d and the %d after it are unreadable; a black placeholder keeps the batch size and the "
@@ -415,16 +421,8 @@ class ShardImages(IterableDataset):
         index = itertools.count()
         for shard in range(len(self.views.images.paths)):
             for _, record in self.views.images.records(shard):
-                try:
-                    image, label = decode_record(record)
-                except UnreadableImage as err:
-                    if self.views.strict:
-                        raise
-                    log.warning("skipping unreadable record: %s", err)
-                    next(index)
-                    yield None
-                    continue
-                yield self.views.sample(image, label, next(index), 0)
+                opened, number = open_record(self.views, record), next(index)
+                yield None if opened is None else self.views.sample(*opened, number, 0)
 
 
 def eval_loader(views: SampleMaker, batch_size: int, collate_fn: Callable) -> DataLoader:

@@ -20,7 +20,7 @@ from pathlib import Path
 from webdataset import TarWriter
 
 from selfsup.data.datasets import ImageFolder
-from selfsup.data.shards import INDEX, count_records, read_index, shard_paths, write_index
+from selfsup.data.shard_index import INDEX, count_records, read_index, shard_paths, write_index
 
 
 def _tar_bytes(size: int) -> int:

@@ -20,7 +20,8 @@ from selfsup.data import shards as shards_module
 from selfsup.data.datamodule import SSLDataModule, ViewDataset, collate_views
 from selfsup.data.datasets import UnreadableImage
 from selfsup.data.shard_writer import main, write_shards
-from selfsup.data.shards import INDEX, ShardSource, count_records, record_counts, shard_loader, shard_paths
+from selfsup.data.shard_index import INDEX, count_records, record_counts, shard_paths
+from selfsup.data.shards import ShardSource, shard_loader
 from selfsup.data.transforms import ContrastiveViews, Preprocessing
 from tests.helpers.dist import run_distributed
 from tests.helpers.interrupt import SigtermAt

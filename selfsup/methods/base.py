@@ -183,9 +183,8 @@ class SSLMethod(L.LightningModule):
         teachers' update (:mod:`selfsup.models.teacher`) unless the non-finite guard skipped the step."""
         step = self.trainer.global_step  # before the step: Lightning counts it inside optimizer.step
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        momentum = None if self.step_skipped else update_teachers(self, step, *self.schedule_steps)
-        if momentum is not None:  # a CPU tensor, as train/lr
-            self.log("train/teacher_momentum", torch.tensor(momentum), batch_size=1)
+        if not self.step_skipped and (momentum := update_teachers(self, step, *self.schedule_steps)) is not None:
+            self.log("train/teacher_momentum", torch.tensor(momentum), batch_size=1)  # CPU tensor, as train/lr
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["selfsup"] = {"method": f"{type(self).__module__}.{type(self).__qualname__}",

@@ -84,11 +84,13 @@ def selfsup_metadata(checkpoint: dict[str, Any], path: str | Path = "<checkpoint
 
 
 def encoder_state(checkpoint: dict[str, Any], path: str | Path = "<checkpoint>") -> dict[str, Tensor]:
-    """The encoder's own state dict (keys relative to :class:`Encoder`, e.g. ``model.conv1.weight``)."""
-    state = {k[len(ENCODER_PREFIX):]: v for k, v in checkpoint["state_dict"].items()
-             if k.startswith(ENCODER_PREFIX)}
+    """The state dict of the encoder that is the method's representation (keys relative to :class:`Encoder`,
+    e.g. ``model.conv1.weight``): the student's ``encoder.*``, or the EMA teacher's copy of it where the
+    method scores its teacher (``checkpoint["selfsup"]["encoder_prefix"]``, e.g. ``teacher.copies.0.``)."""
+    prefix = (checkpoint.get("selfsup") or {}).get("encoder_prefix", ENCODER_PREFIX)
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     if not state:
-        raise CheckpointError(f"checkpoint {str(path)!r} has no weights under '{ENCODER_PREFIX}*'")
+        raise CheckpointError(f"checkpoint {str(path)!r} has no weights under '{prefix}*'")
     return state
 
 

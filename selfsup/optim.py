@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -77,12 +78,12 @@ def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float
 
 # -- schedules -------------------------------------------------------------------------------------
 @dataclass
-class Schedule:
+class Schedule(ABC):
     """A scalar per optimizer step: a linear warmup from ``warmup_start`` to ``start`` over ``warmup_epochs``
     (fractions allowed), then the shape of the subclass from ``start`` to ``end`` over the remaining steps.
 
     Call :meth:`value` with the step, the total number of steps and the steps per epoch (the base
-    class knows both from the trainer)."""
+    class knows both from the trainer). Abstract, so a recipe names a subclass with ``class_path``."""
 
     start: float
     end: float | None = None
@@ -105,9 +106,9 @@ class Schedule:
         end = self.start if self.end is None else self.end
         return self.start + (end - self.start) * self.shape(progress)
 
+    @abstractmethod
     def shape(self, progress: float) -> float:
         """0 at the start, 1 at the end of the schedule."""
-        raise NotImplementedError
 
 
 @dataclass

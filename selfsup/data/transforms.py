@@ -268,28 +268,53 @@ def _decode_for(image: Any, plan: list[tuple[Augmentation, Draw]]) -> tuple[Tens
     return decoded, (decoded.shape[-2] / height, decoded.shape[-1] / width)
 
 
+PerView = float | list[float]
+
+
 class ContrastiveViews(AugmentedViews):
-    """``num_views`` independent SimCLR-style augmentations of the same image.
+    """``num_views`` SimCLR-style augmentations of the same image.
 
     Defaults follow SimCLR (Chen et al. 2020) with the small-image changes used for CIFAR:
     blur off and a crop scale floor of 0.08. ``solarize_p`` adds BYOL's solarisation (off by default).
+    Each probability (``jitter_p``, ``grayscale_p``, ``blur_p``, ``solarize_p``) is one number for every
+    view or a list with one per view: BYOL's asymmetric views are ``blur_p: [1.0, 0.1]``,
+    ``solarize_p: [0.0, 0.2]``.
     """
 
     def __init__(self, num_views: int = 2, crop_scale: Range = (0.08, 1.0), jitter_strength: float = 0.5,
-                 jitter_p: float = 0.8, grayscale_p: float = 0.2, blur_p: float = 0.0,
-                 image_size: int | None = None, solarize_p: float = 0.0):
+                 jitter_p: PerView = 0.8, grayscale_p: PerView = 0.2, blur_p: PerView = 0.0,
+                 image_size: int | None = None, solarize_p: PerView = 0.0):
         if num_views < 2:
             raise ValueError(f"num_views={num_views} must be at least 2 for a contrastive loss")
         _check_scale("crop_scale", crop_scale)
-        augment = dict(jitter_strength=jitter_strength, jitter_p=jitter_p, grayscale_p=grayscale_p, blur_p=blur_p,
-                       solarize_p=solarize_p)
-        _check_augmentation(**augment)
+        per_view = {name: _per_view(name, p, num_views) for name, p in
+                    (("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p), ("solarize_p", solarize_p))}
+        for v in range(num_views):
+            _check_augmentation(jitter_strength, **{name: ps[v] for name, ps in per_view.items()})
         self.num_views, self.image_size = num_views, image_size
-        self.params = dict(scale=tuple(crop_scale), **augment)
+        self.view_params = [dict(scale=tuple(crop_scale), jitter_strength=jitter_strength,
+                                 **{name: ps[v] for name, ps in per_view.items()}) for v in range(num_views)]
 
     def make_groups(self, preprocessing: Preprocessing) -> list[tuple[Augmentation, int]]:
         size = self.image_size or preprocessing.image_size
-        return [(Augmentation(size, **self.params, mean=preprocessing.mean, std=preprocessing.std), self.num_views)]
+
+        def augmentation(params: dict[str, Any]) -> Augmentation:
+            return Augmentation(size, **params, mean=preprocessing.mean, std=preprocessing.std)
+
+        if all(p == self.view_params[0] for p in self.view_params):  # one group: identical draws either way
+            return [(augmentation(self.view_params[0]), self.num_views)]
+        return [(augmentation(p), 1) for p in self.view_params]
+
+
+def _per_view(name: str, value: PerView, num_views: int) -> list[float]:
+    """One probability per view from a number or a list of ``num_views`` numbers."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * num_views
+    values = [float(v) for v in value]
+    if len(values) != num_views:
+        raise ValueError(f"{name}={list(value)} has {len(values)} values for num_views={num_views}: give one "
+                         "number for every view or one per view")
+    return values
 
 
 @dataclass

@@ -20,6 +20,7 @@ from torch import Tensor
 from selfsup.checkpoint import encoder_config
 from selfsup.data.datamodule import Batch
 from selfsup.models.encoder import Encoder
+from selfsup.models.teacher import representation_prefix, update_teachers
 from selfsup.optim import OPTIMIZERS, Cosine, create_optimizer, lr_scheduler, no_weight_decay_names, training_steps
 
 
@@ -57,6 +58,7 @@ class SSLMethod(L.LightningModule):
     """
 
     encodes_views = True  # False where training_loss does not go through encode_views (micro-batches)
+    representation = "student"  # or "teacher": the encoder that eval, export, load_encoder and init_from read
 
     def __init__(self, encoder: Encoder, optimizer: str = "adamw", base_lr: float = 1e-3,
                  weight_decay: float = 0.05, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
@@ -78,6 +80,7 @@ class SSLMethod(L.LightningModule):
         self.preprocessing: dict[str, Any] | None = None
         self.step_terms: Tensor | None = None  # this step's scalar loss terms, for the non-finite guard
         self.step_term_names: list[str] = []
+        self.step_skipped = False  # set by NonFiniteGuard per optimizer step: then no EMA teacher update
         self._no_decay: set[str] | None = None
         self.channels_last = channels_last
         self.micro_batch_size = micro_batch_size
@@ -161,7 +164,7 @@ class SSLMethod(L.LightningModule):
         warmup = min(total, round(hp.warmup_epochs * per_epoch))
         rank_zero_info(f"[selfsup] effective lr {lr:.4g} = base_lr {hp.base_lr} x global batch {global_batch} "
                        f"/ {hp.lr_batch_denominator}; {warmup} warmup + {total - warmup} cosine steps")
-        self.effective_lr = lr
+        self.effective_lr, self.schedule_steps = lr, (total, per_epoch)
         schedule = lr_scheduler(opt, Cosine(1.0, hp.min_lr_ratio, warmup_epochs=hp.warmup_epochs), total, per_epoch)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -175,9 +178,18 @@ class SSLMethod(L.LightningModule):
         lr = torch.tensor(float(self.optimizers().param_groups[0]["lr"]))
         self.log("train/lr", lr, batch_size=max(1, len(batch)))
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The step (Lightning calls this once per real step, not per accumulation micro-step), then the EMA
+        teachers' update (:mod:`selfsup.models.teacher`) unless the non-finite guard skipped the step."""
+        step = self.trainer.global_step  # before the step: Lightning counts it inside optimizer.step
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if not self.step_skipped and (momentum := update_teachers(self, step, *self.schedule_steps)) is not None:
+            self.log("train/teacher_momentum", torch.tensor(momentum), batch_size=1)  # CPU tensor, as train/lr
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["selfsup"] = {"method": f"{type(self).__module__}.{type(self).__qualname__}",
-                                 "encoder": self.encoder.config, "preprocessing": self.preprocessing}
+                                 "encoder": self.encoder.config, "preprocessing": self.preprocessing,
+                                 "encoder_prefix": representation_prefix(self)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.preprocessing = checkpoint.get("selfsup", {}).get("preprocessing", self.preprocessing)

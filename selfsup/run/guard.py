@@ -79,6 +79,7 @@ class NonFiniteGuard(L.Callback):
                              torch.tensor(float(self._skip_requested > 0), device=pl_module.device)])
         loss_bad, grad_bad, requested = all_reduce_max(flags).tolist()  # the one host synchronisation
         self._pending, self._skip_requested, self._fresh_copy = [], 0, False
+        pl_module.step_skipped = bool(loss_bad or grad_bad or requested)  # no EMA teacher update after it
         if not (loss_bad or grad_bad or requested):
             self.consecutive = 0
             return

@@ -21,7 +21,7 @@ from selfsup.models.encoder import Encoder
 IMAGE_SIZE = 16
 # CNN methods train at 32 px in fits: at 16 px a ResNet's last stage sees 1x1 maps, where torch 2.14's
 # CPU bf16 convolution weight gradient (3x3, stride 2, 1x1 input) returns NaN in about 30% of calls.
-FIT_IMAGE_SIZE = {"simclr": 32, "swav": 48}
+FIT_IMAGE_SIZE = {"simclr": 32, "swav": 48, "byol": 32}
 BASE = dict(optimizer="adamw", base_lr=1e-3, weight_decay=1e-4, warmup_epochs=0.0)
 
 
@@ -56,11 +56,17 @@ def _swav(module, base: dict) -> tuple:
     return method, MultiCropViews(global_crops=Crops(2, 48, (0.14, 1.0)), local_crops=Crops(2, 32, (0.05, 0.14)))
 
 
+def _byol(module, base: dict) -> tuple:
+    method = module.BYOL(Encoder("test_resnet"), proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, **base)
+    return method, ContrastiveViews(blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2])  # the paper's asymmetric views
+
+
 FACTORIES: dict[str, tuple[str, Callable]] = {
     "simclr": ("selfsup.methods.simclr", _simclr),
     "mae": ("selfsup.methods.mae", _mae),
     "simmim": ("selfsup.methods.simmim", _simmim),
     "swav": ("selfsup.methods.swav", _swav),
+    "byol": ("selfsup.methods.byol", _byol),
 }
 METHODS = list(FACTORIES)
 

@@ -37,10 +37,12 @@ class MLP(nn.Sequential):
         last_norm: BatchNorm after the last layer: ``True``/``"plain"`` without affine (BYOL/SimSiam-style),
             ``"scale"`` with a scale and no shift (SimCLR); the last linear layer then has no bias, which
             the BatchNorm would remove anyway.
+        last_bias: whether the last linear layer has a bias; ``None``: unless ``last_norm`` is set. VICReg's
+            expander and Barlow Twins' projector end with a bias-free linear layer (``False``).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, norm: str | None = "bn",
-                 last_norm: bool | str = False):
+                 last_norm: bool | str = False, last_bias: bool | None = None):
         if num_layers < 1:
             raise ValueError(f"num_layers={num_layers} must be at least 1")
         if norm not in ("bn", None):
@@ -50,7 +52,8 @@ class MLP(nn.Sequential):
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             last = i == num_layers - 1
-            layers.append(nn.Linear(a, b, bias=(final_norm is None) if last else norm is None))
+            bias = ((final_norm is None) if last_bias is None else last_bias) if last else norm is None
+            layers.append(nn.Linear(a, b, bias=bias))
             if not last:
                 layers += [nn.BatchNorm1d(b)] if norm == "bn" else []
                 layers.append(nn.ReLU(inplace=True))

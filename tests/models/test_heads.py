@@ -50,3 +50,10 @@ def test_scale_last_norm_is_simclr_batchnorm_with_scale_and_no_shift():
 def test_unknown_last_norm_names_the_choices():
     with pytest.raises(ValueError, match=r"last_norm='ln' must be one of"):
         MLP(8, 16, 4, last_norm="ln")
+
+
+def test_mlp_last_bias_overrides_the_default():
+    assert MLP(8, 16, 4, num_layers=3)[-1].bias is not None
+    no_bias = MLP(8, 16, 4, num_layers=3, last_bias=False)
+    assert all(m.bias is None for m in no_bias if isinstance(m, nn.Linear))  # BatchNorm after the hidden ones
+    assert MLP(8, 16, 4, num_layers=2, last_norm=True, last_bias=True)[-2].bias is not None

@@ -23,14 +23,15 @@ the default strategy. The data, the timer and the recipes as objects live in ``g
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 
-import torch
-
 STARTED = time.perf_counter()  # the time budget counts the imports and the device's start-up too
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fsdp-only", action="store_true", help=argparse.SUPPRESS)  # the multi-GPU FSDP child
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 2:
+        parser.error(f"--steps {args.steps}: at least 2 (a warm-up step, then a timed one)")
+    return args
 
 
 if __name__ == "__main__" and not parse_args(sys.argv[1:]).cpu_smoke and not torch.cuda.is_available():

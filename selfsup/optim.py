@@ -63,12 +63,12 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: set[str] | Non
 
 
 def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, no_decay: set[str] | None = None,
-                     **options: Any) -> torch.optim.Optimizer:
+                     fused: bool = True, **options: Any) -> torch.optim.Optimizer:
     """timm's optimizer ``name`` (``sgd`` is momentum SGD without Nesterov) over :func:`param_groups`, with
-    torch's fused kernel for AdamW and SGD when every parameter allows it."""
+    torch's fused kernel for AdamW and SGD when every parameter allows it (and ``fused``)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer={name!r} is not one of {OPTIMIZERS}")
-    if name in FUSED_OPTIMIZERS and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+    if fused and name in FUSED_OPTIMIZERS and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
                                         and type(p) in (torch.Tensor, nn.Parameter) for p in model.parameters()):
         options["fused"] = True
     groups = param_groups(model, weight_decay, no_decay)

@@ -159,7 +159,9 @@ class SSLMethod(L.LightningModule):
         global_batch = self.global_batch_size()
         lr = hp.base_lr * global_batch / hp.lr_batch_denominator
         extra = {"betas": tuple(hp.betas)} if hp.optimizer in ("adamw", "lamb") else {"momentum": hp.momentum}
-        opt = create_optimizer(self, hp.optimizer, lr, hp.weight_decay, self._no_decay, **extra)
+        # Lightning's mixed-precision plugin cannot clip a fused optimizer's gradients (it unscales inside step)
+        fused = not (self.trainer.gradient_clip_val and "mixed" in str(self.trainer.precision))
+        opt = create_optimizer(self, hp.optimizer, lr, hp.weight_decay, self._no_decay, fused=fused, **extra)
         total, per_epoch = training_steps(self.trainer)
         warmup = min(total, round(hp.warmup_epochs * per_epoch))
         rank_zero_info(f"[selfsup] effective lr {lr:.4g} = base_lr {hp.base_lr} x global batch {global_batch} "

@@ -107,6 +107,15 @@ def test_bias_and_norm_get_no_weight_decay(tmp_path, optimizer):
         assert trainer.optimizers[0].defaults["fused"] is True
 
 
+def test_gradient_clipping_under_mixed_precision_trains_with_an_unfused_optimizer(tmp_path):
+    """Lightning's mixed-precision plugin refuses to clip a fused optimizer's gradients (it would unscale them
+    inside step); the SimMIM recipes clip at 5.0 under bf16-mixed, so there the optimizer must not be fused."""
+    model = SimCLR(Encoder("resnet18", cifar_stem=True), proj_hidden_dim=32, proj_dim=16, optimizer="adamw")
+    trainer = _fit(model, tmp_path, max_steps=1, precision="bf16-mixed", gradient_clip_val=5.0)
+    assert trainer.global_step == 1
+    assert not trainer.optimizers[0].defaults.get("fused")
+
+
 def test_checkpoint_stores_preprocessing_and_encoder_config(tmp_path):
     model = SimCLR(Encoder("resnet18", cifar_stem=True), proj_hidden_dim=32, proj_dim=16)
     trainer = _fit(model, tmp_path, max_steps=1)

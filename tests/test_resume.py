@@ -75,6 +75,7 @@ def test_checkpoint_holds_every_piece_of_run_state(tmp_path):
     assert set(states["ExactResume"]["rng"][0]) >= {"torch", "numpy", "python"}
     assert states["NonFiniteGuard"] == {"skipped_steps": 0, "consecutive": 0, "requested_skips": 0}
     assert states["DataHealth"] == {"skipped_images": 0}
-    assert set(checkpoint["selfsup"]) == {"method", "encoder", "preprocessing"}
+    assert set(checkpoint["selfsup"]) == {"method", "encoder", "preprocessing", "encoder_prefix"}
+    assert checkpoint["selfsup"]["encoder_prefix"] == "encoder."  # SimCLR's representation is its student
     loader_state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert loader_state["epoch"] == 1 and loader_state["samples_done"] == 2 * 4

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from selfsup.distributed import all_reduce_sum, broadcast_tensors, on_rank_zero
-from selfsup.eval.features import extract_features, model_call, recalibrate_batchnorm
+from selfsup.eval.features import extract_features, recalibrate_batchnorm, representation
 from selfsup.eval.knn import topk_accuracy
 from selfsup.eval.protocols import EvalContext, FeatureSet, run_protocols
 from selfsup.eval.scorecard import CheckpointScorer, probes_unavailable  # noqa: F401  (re-exported for recipes)
@@ -178,8 +178,9 @@ class KNNMonitor(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs or not _probes_available(trainer, self):
             return
-        scores = frozen_scores(pl_module.encoder, trainer.datamodule, pl_module.device, _uses_bf16(trainer),
-                               ("knn",), self.k, self.temperature, model_call(trainer, pl_module, "encoder"))
+        encoder, forward = representation(trainer, pl_module)
+        scores = frozen_scores(encoder, trainer.datamodule, pl_module.device, _uses_bf16(trainer),
+                               ("knn",), self.k, self.temperature, forward)
         pl_module.log("knn/top1", scores["knn_top1"], prog_bar=True, sync_dist=True)  # the same on every rank
 
 
@@ -215,9 +216,10 @@ class ProbeReport(L.Callback):
         on_rank_zero(recalibrate)  # once, then the statistics go to every rank
         broadcast_tensors(list(random_encoder.buffers()))
         bf16 = _uses_bf16(trainer)
+        encoder, forward = representation(trainer, pl_module)
         self.results = {
-            "pretrained": frozen_scores(pl_module.encoder, trainer.datamodule, pl_module.device, bf16, self.protocols,
-                                        forward=model_call(trainer, pl_module, "encoder")),
+            "pretrained": frozen_scores(encoder, trainer.datamodule, pl_module.device, bf16, self.protocols,
+                                        forward=forward),
             "random init": frozen_scores(random_encoder, trainer.datamodule, pl_module.device, bf16, self.protocols)}
         self.path = out_dir / "probe_report.json"
         on_rank_zero(self._report)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from selfsup.distributed import gather_rows, is_distributed, rank, world_size
+from selfsup.models.teacher import representation_encoder
 
 
 @contextlib.contextmanager
@@ -108,6 +109,14 @@ def shards_parameters(trainer: Any, pl_module: nn.Module | None = None) -> bool:
     if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or getattr(strategy, "zero_stage_3", False):
         return True
     return pl_module is not None and any(isinstance(p, DTensor) for p in pl_module.parameters())
+
+
+def representation(trainer: Any, pl_module: nn.Module) -> tuple[nn.Module, Callable[..., Any]]:
+    """The encoder the callbacks score and the callable that runs it: an :class:`SSLMethod`'s
+    representation (its student encoder or the EMA teacher's copy, ``represent``), else ``pl_module.encoder``."""
+    if hasattr(pl_module, "represent"):
+        return representation_encoder(pl_module), model_call(trainer, pl_module, "represent")
+    return pl_module.encoder, model_call(trainer, pl_module, "encoder")
 
 
 def model_call(trainer: Any, pl_module: nn.Module, attribute: str) -> Callable[..., Any]:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from selfsup.distributed import is_distributed, on_rank_zero
 from selfsup.eval.cache import FeatureCache
-from selfsup.eval.features import model_call
+from selfsup.eval.features import representation
 from selfsup.eval.linear import standardise
 from selfsup.eval.protocols import EvalContext, EvalData, FeatureSet, frozen_features, run_protocols
 
@@ -198,10 +198,10 @@ class CheckpointScorer(L.Callback):
             return []
         data = EvalData.from_datamodule(datamodule, self.train_size, self.test_size)
         out_dir = Path(self.out_dir or Path(trainer.default_root_dir) / "scorecard")
-        rows = score_encoder(pl_module.encoder, data, self.protocols, out_dir, self.settings, pl_module.device,
+        encoder, forward = representation(trainer, pl_module)
+        rows = score_encoder(encoder, data, self.protocols, out_dir, self.settings, pl_module.device,
                              checkpoint=f"epoch={epoch}-step={step}", epoch=epoch, step=step,
-                             bf16="bf16" in str(trainer.precision),
-                             forward=model_call(trainer, pl_module, "encoder"))
+                             bf16="bf16" in str(trainer.precision), forward=forward)
         self.rows += rows
         self._log(trainer, rows, step)
         return rows

@@ -20,7 +20,7 @@ from torch import Tensor
 from selfsup.checkpoint import encoder_config
 from selfsup.data.datamodule import Batch
 from selfsup.models.encoder import Encoder
-from selfsup.models.teacher import representation_prefix, update_teachers
+from selfsup.models.teacher import representation_encoder, representation_prefix, update_teachers
 from selfsup.optim import OPTIMIZERS, Cosine, create_optimizer, lr_scheduler, no_weight_decay_names, training_steps
 
 
@@ -187,6 +187,11 @@ class SSLMethod(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if not self.step_skipped and (momentum := update_teachers(self, step, *self.schedule_steps)) is not None:
             self.log("train/teacher_momentum", torch.tensor(momentum), batch_size=1)  # CPU tensor, as train/lr
+
+    def represent(self, x: Tensor) -> Tensor:
+        """Pooled features of the representation (``representation``: the student's encoder or its EMA
+        teacher copy), what the probe callbacks score and export writes."""
+        return representation_encoder(self)(x)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["selfsup"] = {"method": f"{type(self).__module__}.{type(self).__qualname__}",

@@ -166,3 +166,9 @@ def representation_prefix(method: nn.Module) -> str:
         if index is not None:
             return f"{name}.copies.{index}."
     raise ValueError(f"{type(method).__name__}.representation='teacher' but no EMATeacher follows its encoder")
+
+
+def representation_encoder(method: nn.Module) -> nn.Module:
+    """The encoder module that is the representation: ``method.encoder``, or the teacher's copy of it."""
+    prefix = representation_prefix(method)
+    return method.encoder if prefix == "encoder." else method.get_submodule(prefix.rstrip("."))

@@ -178,3 +178,55 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
     """Names of the state entries (parameters and buffers) that are not bit-identical."""
     sa, sb = a.state_dict(), b.state_dict()
     return [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
+def loss_and_grads(model, views: list[torch.Tensor]) -> tuple[dict, dict]:
+    """``training_loss`` terms and the gradients of its loss on ``views``. BatchNorm runs on running statistics
+    (per sample), so only the loss couples the samples of different ranks."""
+    model.eval()
+    batch = Batch(views=views, labels=torch.zeros(len(views[0]), dtype=torch.long), index=torch.arange(len(views[0])))
+    terms = model.training_loss(batch)
+    terms["loss"].backward()
+    scalars = {k: v.detach() for k, v in terms.items() if k != "features"}
+    return scalars, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def rank_share(model, views: list[torch.Tensor], rank: int, world_size: int) -> tuple[dict, dict]:
+    """:func:`loss_and_grads` of this rank's slice of the global ``views``, gradients averaged as DDP does."""
+    per_rank = len(views[0]) // world_size
+    terms, grads = loss_and_grads(model, [v[rank * per_rank:(rank + 1) * per_rank] for v in views])
+    for g in grads.values():
+        torch.distributed.all_reduce(g)
+        g /= world_size
+    return terms, grads
+
+
+def train_on_fixed_pairs(method, steps: int = 25, lr: float = 3e-3, size: int = 32) -> tuple[dict, dict]:
+    """Adam steps on one fixed batch of noisy pairs of ``size`` random images; the loss terms (floats) at the
+    first step and after the last: a learning check for two-view methods."""
+    torch.manual_seed(0)
+    base = torch.randn(size, 3, 32, 32)
+    views = [base + 0.1 * torch.randn_like(base) for _ in range(2)]
+    batch = Batch(views=views, labels=torch.zeros(size, dtype=torch.long), index=torch.arange(size))
+    opt = torch.optim.Adam(method.parameters(), lr=lr)
+    first = None
+    for _ in range(steps):
+        terms = method.training_loss(batch)
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+        first = first or {k: v.item() for k, v in terms.items() if k != "features"}
+    return first, {k: v.item() for k, v in method.training_loss(batch).items() if k != "features"}
+
+
+def assert_ranks_match(ranks: list, terms: dict, grads: dict, terms_tol: tuple[float, float],
+                       grads_tol: tuple[float, float]) -> None:
+    """Every rank's ``(terms, grads)`` from :func:`rank_share` equals one process's on the global batch,
+    within ``(rtol, atol)``, and the encoder did get gradients."""
+    for rank_terms, rank_grads in ranks:
+        for k in terms:
+            torch.testing.assert_close(rank_terms[k], terms[k], rtol=terms_tol[0], atol=terms_tol[1], msg=k)
+        assert rank_grads.keys() == grads.keys()
+        for k in grads:
+            torch.testing.assert_close(rank_grads[k], grads[k], rtol=grads_tol[0], atol=grads_tol[1], msg=k)
+    assert any(k.startswith("encoder.") and g.abs().sum() > 0 for k, g in grads.items())

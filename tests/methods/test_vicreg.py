@@ -6,6 +6,7 @@ from selfsup.data.datamodule import Batch
 from selfsup.methods.vicreg import VICReg, vicreg_loss
 from selfsup.models.encoder import Encoder
 from tests.helpers.dist import run_distributed
+from tests.helpers.methods import assert_ranks_match, loss_and_grads, rank_share, train_on_fixed_pairs
 
 
 def reference_vicreg(a: np.ndarray, b: np.ndarray, lam: float = 25.0, mu: float = 25.0, nu: float = 1.0,
@@ -69,35 +70,14 @@ def _global_batch(n: int = 8) -> list[torch.Tensor]:
     return [torch.randn(n, 3, 32, 32, generator=g) for _ in range(2)]
 
 
-def _loss_and_grads(model: VICReg, views: list[torch.Tensor]) -> tuple[dict, dict]:
-    model.eval()  # BatchNorm on running statistics: per sample, so only the loss couples the ranks
-    batch = Batch(views=views, labels=torch.zeros(len(views[0]), dtype=torch.long), index=torch.arange(len(views[0])))
-    terms = model.training_loss(batch)
-    terms["loss"].backward()
-    scalars = {k: v.detach() for k, v in terms.items() if k != "features"}
-    return scalars, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-
-
 def _rank_fn(rank: int, world_size: int):
-    views = _global_batch()
-    per_rank = len(views[0]) // world_size
-    terms, grads = _loss_and_grads(_tiny_vicreg(), [v[rank * per_rank:(rank + 1) * per_rank] for v in views])
-    for g in grads.values():  # what DDP does to gradients
-        torch.distributed.all_reduce(g)
-        g /= world_size
-    return terms, grads
+    return rank_share(_tiny_vicreg(), _global_batch(), rank, world_size)
 
 
 def test_two_ranks_equal_one_rank_on_the_global_batch():
     ranks = run_distributed(_rank_fn, 2, timeout=60)
-    terms, grads = _loss_and_grads(_tiny_vicreg(), _global_batch())
-    for rank_terms, rank_grads in ranks:
-        for k in terms:  # every term is a global-batch statistic, identical on each rank
-            torch.testing.assert_close(rank_terms[k], terms[k], rtol=1e-5, atol=1e-6, msg=k)
-        assert rank_grads.keys() == grads.keys()
-        for k in grads:
-            torch.testing.assert_close(rank_grads[k], grads[k], rtol=1e-4, atol=1e-6, msg=k)
-    assert any(k.startswith("encoder.") and g.abs().sum() > 0 for k, g in grads.items())
+    terms, grads = loss_and_grads(_tiny_vicreg(), _global_batch())
+    assert_ranks_match(ranks, terms, grads, (1e-5, 1e-6), (1e-4, 1e-6))  # every term is a global-batch statistic, identical on each rank
 
 
 def test_expander_is_the_papers_shape():
@@ -124,17 +104,6 @@ def test_a_few_steps_lower_the_loss_and_spread_the_embeddings():
     """Learning check: on fixed augmented pairs, Adam steps lower the loss and lift the per-dimension std."""
     torch.manual_seed(0)
     method = VICReg(Encoder("test_resnet"), proj_hidden_dim=64, proj_dim=32)
-    base = torch.randn(32, 3, 32, 32)
-    views = [base + 0.1 * torch.randn_like(base) for _ in range(2)]
-    batch = Batch(views=views, labels=torch.zeros(32, dtype=torch.long), index=torch.arange(32))
-    opt = torch.optim.Adam(method.parameters(), lr=3e-3)
-    first = None
-    for _ in range(25):
-        terms = method.training_loss(batch)
-        opt.zero_grad()
-        terms["loss"].backward()
-        opt.step()
-        first = first or {k: v.item() for k, v in terms.items() if k != "features"}
-    last = {k: v.item() for k, v in method.training_loss(batch).items() if k != "features"}
+    first, last = train_on_fixed_pairs(method)
     assert last["loss"] < 0.5 * first["loss"], (first, last)
     assert last["variance"] < first["variance"], (first, last)

@@ -19,7 +19,8 @@ from selfsup.data.datasets import ImageFolder, UnreadableImage, source
 from selfsup.data.shards import ShardSource, eval_loader, shard_loader
 from selfsup.data.sampling import ResumableLoader, ResumableSampler, ignore_termination_in_worker
 from selfsup.data.augment import finish_views
-from selfsup.data.transforms import ContrastiveViews, EvalView, Preprocessing, Views, ViewTransform
+from selfsup.data.preprocessing import Preprocessing
+from selfsup.data.transforms import ContrastiveViews, EvalView, Views, ViewTransform
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "probe_train", "test")  # pretraining, labelled probe-train, labelled test

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from selfsup.data.datamodule import SSLDataModule
-from selfsup.data.transforms import Preprocessing
+from selfsup.data.preprocessing import Preprocessing
 from selfsup.eval.cache import CacheMismatchError, FeatureCache
 from selfsup.checkpoint import (CheckpointError, encoder_from_checkpoint, file_digest, load_checkpoint,
                                      selfsup_metadata)

@@ -23,7 +23,8 @@ from timm.optim import create_optimizer_v2
 from torch import Tensor
 
 from selfsup.data.datamodule import Batch
-from selfsup.data.transforms import Preprocessing, ViewTransform
+from selfsup.data.preprocessing import Preprocessing
+from selfsup.data.transforms import ViewTransform
 from selfsup.eval.knn import topk_accuracy
 from selfsup.eval.protocols import EvalContext, EvalData, register_protocol, score_row
 from selfsup.optim import Cosine, lr_scheduler, training_steps

@@ -26,7 +26,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from selfsup.data.datamodule import ViewDataset, collate_views
-from selfsup.data.transforms import EvalView, Preprocessing
+from selfsup.data.preprocessing import Preprocessing
+from selfsup.data.transforms import EvalView
 from selfsup.eval.cache import FeatureCache, cache_key
 from selfsup.eval.features import extract_features
 from selfsup.eval.knn import knn_accuracy

@@ -125,6 +125,24 @@ def test_all_ranks_agree_to_skip():
     assert results == [[True, False, 1], [True, False, 1]], "both ranks drop the gradients of step 7 only"
 
 
+def test_grad_scaler_skips_are_marked_counted_apart_and_never_stop_the_run():
+    """Under 16-mixed the scaler skips inf-gradient steps itself (many in a row while its scale calibrates):
+    the guard marks each skipped (so no EMA teacher update follows) without counting it towards the limit."""
+    from tests.helpers.guard import GuardedModule
+
+    guard = NonFiniteGuard(max_consecutive=2)
+    for step in range(4):
+        module = GuardedModule(1.0, gradient=float("inf"))
+        assert not guard_step(guard, 1.0, step=step, module=module, scaled=True), "the scaler's gradients stay"
+        assert module.step_skipped is True
+    assert (guard.scaler_skips, guard.skipped_steps, guard.consecutive) == (4, 0, 0)
+    module = GuardedModule(1.0)
+    guard_step(guard, 1.0, step=4, module=module, scaled=True)
+    assert module.step_skipped is False
+    assert guard_step(guard, float("nan"), step=5, scaled=True), "a NaN loss is still the guard's to skip"
+    assert guard.skipped_steps == 1 and guard.state_dict()["scaler_skips"] == 4
+
+
 def test_guard_rejects_a_bad_limit():
     with pytest.raises(ValueError, match="max_consecutive=0"):
         NonFiniteGuard(0)

@@ -33,8 +33,9 @@ class NonFiniteGuard(L.Callback):
     from a copy kept in place). After ``max_consecutive`` skipped steps in a row :class:`NonFiniteError`
     names the step and what was not finite. A batch that asks to skip (``Batch.invalid``: placeholders)
     is skipped on every rank too, counted apart, and neither counts towards nor resets that limit. Under
-    ``16-mixed`` the grad scaler judges the gradients itself (and lowers its scale); the guard then
-    checks only the loss.
+    ``16-mixed`` the grad scaler skips a step with non-finite gradients itself and lowers its scale (routine
+    while the scale calibrates): the guard counts that apart too (``scaler_skips``), without stopping the
+    run, but still marks the step skipped (no EMA teacher update) and puts the BatchNorm statistics back.
 
     Args:
         max_consecutive: skipped steps in a row that stop the run.
@@ -44,7 +45,7 @@ class NonFiniteGuard(L.Callback):
         if max_consecutive < 1:
             raise ValueError(f"nonfinite.max_consecutive={max_consecutive} must be >= 1")
         self.max_consecutive = max_consecutive
-        self.skipped_steps = self.consecutive = self.requested_skips = 0
+        self.skipped_steps = self.consecutive = self.requested_skips = self.scaler_skips = 0
         self._norm_buffers: list[Tensor] = []
         self._norm_copies: list[Tensor] = []
         self._fresh_copy = False
@@ -74,7 +75,7 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         terms = self._pending + [t for t in [getattr(pl_module, "step_terms", None)] if t is not None]
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-        grads = [] if scaled else [p.grad for p in pl_module.parameters() if p.grad is not None]
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]  # unscaled, or inf where scaled
         flags = torch.stack([_nonfinite(terms, pl_module.device), _nonfinite_norms(grads, pl_module.device),
                              torch.tensor(float(self._skip_requested > 0), device=pl_module.device)])
         loss_bad, grad_bad, requested = all_reduce_max(flags).tolist()  # the one host synchronisation
@@ -84,6 +85,12 @@ class NonFiniteGuard(L.Callback):
             self.consecutive = 0
             return
         step, what = trainer.global_step, ""
+        if scaled and grad_bad and not (loss_bad or requested):  # the grad scaler skips this step itself
+            self.scaler_skips += 1
+            if self._norm_buffers:
+                torch._foreach_copy_(self._norm_buffers, self._norm_copies)
+            pl_module.log("train/scaler_skips", float(self.scaler_skips))
+            return
         if not requested:  # named before the gradients go
             what = (f"loss term(s) {_nonfinite_terms(pl_module) or '(on another rank)'}" if loss_bad else
                     f"gradient of parameter {_first_nonfinite_gradient(pl_module) or '(on another rank)'}")
@@ -118,12 +125,13 @@ class NonFiniteGuard(L.Callback):
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped_steps": self.skipped_steps, "consecutive": self.consecutive,
-                "requested_skips": self.requested_skips}
+                "requested_skips": self.requested_skips, "scaler_skips": self.scaler_skips}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped_steps = state.get("skipped_steps", 0)
         self.consecutive = state.get("consecutive", 0)
         self.requested_skips = state.get("requested_skips", 0)
+        self.scaler_skips = state.get("scaler_skips", 0)
 
 
 def _nonfinite(terms: list[Tensor], device: torch.device) -> Tensor:

@@ -21,10 +21,13 @@ class GuardedModule(torch.nn.Module):
         self.logged[name] = value
 
 
-def guard_step(guard, loss: float, invalid: int = 0, step: int = 0, gradient: float = 1.0) -> bool:
-    """One optimizer step through ``guard``; whether it skipped the step (dropped the gradients)."""
-    trainer = SimpleNamespace(global_step=step, precision_plugin=SimpleNamespace())
-    module = GuardedModule(loss, gradient)
+def guard_step(guard, loss: float, invalid: int = 0, step: int = 0, gradient: float = 1.0,
+               module: GuardedModule | None = None, scaled: bool = False) -> bool:
+    """One optimizer step through ``guard``; whether it skipped the step (dropped the gradients).
+    ``scaled``: under a grad scaler (``16-mixed``), which skips non-finite gradients itself."""
+    plugin = SimpleNamespace(scaler=object()) if scaled else SimpleNamespace()
+    trainer = SimpleNamespace(global_step=step, precision_plugin=plugin)
+    module = module or GuardedModule(loss, gradient)
     guard.on_train_start(trainer, module)
     guard.on_train_batch_start(trainer, module, SimpleNamespace(invalid=invalid), 0)
     guard.on_before_optimizer_step(trainer, module, None)

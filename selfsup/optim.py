@@ -13,10 +13,11 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import timm.optim
@@ -58,8 +59,17 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: set[str] | Non
     for name, p in model.named_parameters():
         if p.requires_grad:
             (plain if clean_name(name) in no_decay else decay).append(p)
-    return [group for group in ({"params": decay, "weight_decay": weight_decay},
-                                {"params": plain, "weight_decay": 0.0}) if group["params"]]
+    # ``decayed`` marks the group a weight-decay schedule acts on (:func:`set_weight_decay`)
+    return [group for group in ({"params": decay, "weight_decay": weight_decay, "decayed": True},
+                                {"params": plain, "weight_decay": 0.0, "decayed": False}) if group["params"]]
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """Set the weight decay of the decayed parameter groups (:func:`param_groups`) to ``value``: a step of a
+    weight-decay schedule (DINO's cosine 0.04 -> 0.4). Biases, norms and ``no_weight_decay()`` stay at 0."""
+    for group in optimizer.param_groups:
+        if group.get("decayed", False):
+            group["weight_decay"] = value
 
 
 def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, no_decay: set[str] | None = None,
@@ -135,6 +145,28 @@ class Constant(Schedule):
 
     def shape(self, progress: float) -> float:
         return 0.0
+
+
+def as_schedule(value: Schedule | dict[str, Any] | float, key: str = "schedule") -> Schedule:
+    """A :class:`Schedule` from itself, a number (constant) or its :func:`schedule_config` dictionary;
+    ``key`` names the setting in the error."""
+    if isinstance(value, Schedule):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return Constant(float(value))
+    if isinstance(value, dict) and "class_path" in value:
+        module, _, name = value["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module or "selfsup.optim"), name)
+        if not (isinstance(cls, type) and issubclass(cls, Schedule)):
+            raise ValueError(f"{key}: {value['class_path']!r} is not a selfsup.optim.Schedule")
+        return cls(**value.get("init_args", {}))
+    raise ValueError(f"{key}={value!r} must be a Schedule (e.g. selfsup.optim.Cosine), a number or "
+                     "{'class_path': 'selfsup.optim.Cosine', 'init_args': {'start': 0.996, 'end': 1.0}}")
+
+
+def schedule_config(schedule: Schedule) -> dict[str, Any]:
+    """Plain-data form of a schedule (for hyper-parameters: checkpoints load with ``weights_only=True``)."""
+    return {"class_path": f"{type(schedule).__module__}.{type(schedule).__qualname__}", "init_args": asdict(schedule)}
 
 
 def training_steps(trainer: Any) -> tuple[int, int]:

@@ -128,3 +128,35 @@ def test_bad_schedule_values_are_errors():
         Cosine(1.0, 0.0, warmup_epochs=-1)
     with pytest.raises(ValueError, match="start=nan"):
         Linear(float("nan"), 1.0)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lars"])
+def test_a_weight_decay_schedule_moves_the_decayed_group_only(name):
+    """``set_weight_decay`` (what SSLMethod does each step with a ``weight_decay`` schedule) changes the
+    decayed group and leaves biases and norms at 0; the optimizer then applies the new value."""
+    from selfsup.optim import set_weight_decay
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    optimizer = create_optimizer(model, name, lr=0.1, weight_decay=0.04)
+    set_weight_decay(optimizer, 0.4)
+    assert [(g["weight_decay"], len(g["params"])) for g in optimizer.param_groups] == [(0.4, 1), (0.0, 3)]
+    if name == "adamw":  # decoupled decay with zero gradients: w <- w (1 - lr wd)
+        before = model[0].weight.detach().clone()
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        torch.testing.assert_close(model[0].weight, before * (1 - 0.1 * 0.4))
+
+
+def test_weight_decay_takes_a_schedule_and_keeps_plain_data_in_hparams():
+    from selfsup.methods.simclr import SimCLR
+
+    method = SimCLR(Encoder("test_resnet"), proj_hidden_dim=8, proj_dim=4, weight_decay=Cosine(0.04, 0.4))
+    assert method.weight_decay == Cosine(0.04, 0.4)
+    assert method.hparams["weight_decay"] == {"class_path": "selfsup.optim.Cosine",
+                                              "init_args": {"start": 0.04, "end": 0.4, "warmup_epochs": 0.0,
+                                                            "warmup_start": 0.0}}
+    assert SimCLR(Encoder("test_resnet"), proj_hidden_dim=8, proj_dim=4, weight_decay=0.1).hparams["weight_decay"] == 0.1
+    with pytest.raises(ValueError, match="model.weight_decay"):
+        SimCLR(Encoder("test_resnet"), weight_decay=Cosine(0.04, -0.1))

@@ -21,7 +21,8 @@ from selfsup.checkpoint import encoder_config
 from selfsup.data.datamodule import Batch
 from selfsup.models.encoder import Encoder
 from selfsup.models.teacher import representation_encoder, representation_prefix, update_teachers
-from selfsup.optim import OPTIMIZERS, Cosine, create_optimizer, lr_scheduler, no_weight_decay_names, training_steps
+from selfsup.optim import (OPTIMIZERS, Constant, Cosine, Schedule, as_schedule, create_optimizer, lr_scheduler,
+                           no_weight_decay_names, schedule_config, set_weight_decay, training_steps)
 
 
 @contextlib.contextmanager
@@ -41,7 +42,9 @@ class SSLMethod(L.LightningModule):
         base_lr: learning rate per ``lr_batch_denominator`` images; the effective rate is
             ``base_lr * global_batch / lr_batch_denominator`` with the global batch counting devices,
             nodes and gradient accumulation.
-        weight_decay, momentum, betas: optimizer settings (``betas`` for AdamW/LAMB only).
+        weight_decay: a number, or a :class:`~selfsup.optim.Schedule` per step (DINO's ``Cosine(0.04, 0.4)``),
+            logged as ``train/weight_decay``.
+        momentum, betas: optimizer settings (``betas`` for AdamW/LAMB only).
         warmup_epochs: linear warmup length, applied per step; then cosine decay.
         min_lr_ratio: the cosine floor as a fraction of the effective rate.
         lr_batch_denominator: 256 for most methods; SimMIM scales per 512.
@@ -61,13 +64,15 @@ class SSLMethod(L.LightningModule):
     representation = "student"  # or "teacher": the encoder that eval, export, load_encoder and init_from read
 
     def __init__(self, encoder: Encoder, optimizer: str = "adamw", base_lr: float = 1e-3,
-                 weight_decay: float = 0.05, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float | Schedule = 0.05, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_epochs: float = 10.0, min_lr_ratio: float = 0.0, lr_batch_denominator: int = 256,
                  channels_last: bool = False, micro_batch_size: int | None = None, compile: bool = False):
         super().__init__()
         _check("optimizer", optimizer in OPTIMIZERS, optimizer, f"one of {OPTIMIZERS}")
         _check("base_lr", base_lr > 0, base_lr, "positive")
-        _check("weight_decay", weight_decay >= 0, weight_decay, ">= 0")
+        wd = self.weight_decay = as_schedule(weight_decay, "model.weight_decay")
+        _check("weight_decay", min(wd.start, wd.warmup_start, wd.start if wd.end is None else wd.end) >= 0,
+               weight_decay, ">= 0")
         _check("warmup_epochs", warmup_epochs >= 0, warmup_epochs, ">= 0")
         _check("min_lr_ratio", 0 <= min_lr_ratio <= 1, min_lr_ratio, "in [0, 1]")
         _check("lr_batch_denominator", lr_batch_denominator > 0, lr_batch_denominator, "positive")
@@ -76,6 +81,9 @@ class SSLMethod(L.LightningModule):
         _check("micro_batch_size", micro_batch_size is None or self.encodes_views, micro_batch_size,
                f"null for {type(self).__name__}, whose encoder runs on tokens, not through encode_views")
         self.save_hyperparameters(ignore=["encoder"])
+        if isinstance(weight_decay, Schedule):
+            self.hparams["weight_decay"] = schedule_config(weight_decay)  # plain data in checkpoints
+        self.schedule_steps = (1, 1)  # (total, per epoch) optimizer steps, set when the optimizer is built
         self.encoder = encoder
         self.preprocessing: dict[str, Any] | None = None
         self.step_terms: Tensor | None = None  # this step's scalar loss terms, for the non-finite guard
@@ -161,8 +169,9 @@ class SSLMethod(L.LightningModule):
         extra = {"betas": tuple(hp.betas)} if hp.optimizer in ("adamw", "lamb") else {"momentum": hp.momentum}
         # Lightning's mixed-precision plugin cannot clip a fused optimizer's gradients (it unscales inside step)
         fused = not (self.trainer.gradient_clip_val and "mixed" in str(self.trainer.precision))
-        opt = create_optimizer(self, hp.optimizer, lr, hp.weight_decay, self._no_decay, fused=fused, **extra)
         total, per_epoch = training_steps(self.trainer)
+        wd = self.weight_decay.value(0, total, per_epoch)
+        opt = create_optimizer(self, hp.optimizer, lr, wd, self._no_decay, fused=fused, **extra)
         warmup = min(total, round(hp.warmup_epochs * per_epoch))
         rank_zero_info(f"[selfsup] effective lr {lr:.4g} = base_lr {hp.base_lr} x global batch {global_batch} "
                        f"/ {hp.lr_batch_denominator}; {warmup} warmup + {total - warmup} cosine steps")
@@ -184,9 +193,19 @@ class SSLMethod(L.LightningModule):
         """The step (Lightning calls this once per real step, not per accumulation micro-step), then the EMA
         teachers' update (:mod:`selfsup.models.teacher`) unless the non-finite guard skipped the step."""
         step = self.trainer.global_step  # before the step: Lightning counts it inside optimizer.step
+        wd = None if isinstance(self.weight_decay, Constant) and not self.weight_decay.warmup_epochs else \
+            self.scheduled(self.weight_decay)
+        if wd is not None:
+            set_weight_decay(optimizer, wd)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if wd is not None:  # logged after the step: Lightning drops what this hook logs before the closure runs
+            self.log("train/weight_decay", torch.tensor(wd), batch_size=1)
         if not self.step_skipped and (momentum := update_teachers(self, step, *self.schedule_steps)) is not None:
             self.log("train/teacher_momentum", torch.tensor(momentum), batch_size=1)  # CPU tensor, as train/lr
+
+    def scheduled(self, schedule: Schedule) -> float:
+        """``schedule`` at the current optimizer step (teacher temperature, weight decay...)."""
+        return schedule.value(self.global_step, *self.schedule_steps)
 
     def represent(self, x: Tensor) -> Tensor:
         """Pooled features of the representation (``representation``: the student's encoder or its EMA

@@ -20,8 +20,8 @@ from selfsup.data.datamodule import Batch
 from selfsup.methods.base import SSLMethod, full_precision
 from selfsup.models.encoder import Encoder
 from selfsup.models.heads import MLP
-from selfsup.models.teacher import EMATeacher, schedule_config
-from selfsup.optim import Cosine, Schedule
+from selfsup.models.teacher import EMATeacher
+from selfsup.optim import Cosine, Schedule, schedule_config
 
 
 def normalized_mse(prediction: Tensor, target: Tensor) -> Tensor:

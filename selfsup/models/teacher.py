@@ -3,7 +3,7 @@
 ``teacher = m * teacher + (1 - m) * student`` for the parameters, with the momentum ``m`` from a
 :class:`~selfsup.optim.Schedule` (BYOL, MoCo v3 and DINO: cosine from 0.996 to 1 over training); buffers
 (BatchNorm running statistics) are copied from the student. BYOL's target network, MoCo v3's momentum
-encoder and DINO's teacher are all this.
+encoder and DINO's teacher are all this; :class:`Center` is DINO's (and iBOT's) centre of the teacher output.
 
 Where it stands in a run:
 
@@ -25,38 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from selfsup.optim import Constant, Cosine, Schedule
+from selfsup.distributed import all_reduce_sum
+from selfsup.optim import Cosine, Schedule, as_schedule
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def as_schedule(value: Schedule | dict[str, Any] | float) -> Schedule:
-    """A :class:`Schedule` from itself, a number (constant) or its :func:`schedule_config` dictionary."""
-    if isinstance(value, Schedule):
-        return value
-    if isinstance(value, (int, float)):
-        return Constant(float(value))
-    if isinstance(value, dict) and "class_path" in value:
-        module, _, name = value["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module or "selfsup.optim"), name)
-        if not (isinstance(cls, type) and issubclass(cls, Schedule)):
-            raise ValueError(f"{value['class_path']!r} is not a selfsup.optim.Schedule")
-        return cls(**value.get("init_args", {}))
-    raise ValueError(f"momentum={value!r} must be a Schedule (e.g. selfsup.optim.Cosine), a number or "
-                     "{'class_path': 'selfsup.optim.Cosine', 'init_args': {'start': 0.996, 'end': 1.0}}")
-
-
-def schedule_config(schedule: Schedule) -> dict[str, Any]:
-    """Plain-data form of a schedule (for hyper-parameters: checkpoints load with ``weights_only=True``)."""
-    return {"class_path": f"{type(schedule).__module__}.{type(schedule).__qualname__}", "init_args": asdict(schedule)}
 
 
 class EMATeacher(nn.Module):
@@ -76,7 +53,7 @@ class EMATeacher(nn.Module):
         self.copies = nn.ModuleList(copy.deepcopy(m) for m in students)
         self.copies.requires_grad_(False)
         self._students = tuple(students)  # a tuple: not registered, so not in the state dict twice
-        self.momentum = as_schedule(momentum)
+        self.momentum = as_schedule(momentum, "teacher_momentum")
         for student, teacher in zip(students, self.copies):
             if [n for n, _ in student.named_parameters()] != [n for n, _ in teacher.named_parameters()]:
                 raise RuntimeError(f"the copy of {type(student).__name__} does not mirror its parameters")
@@ -172,3 +149,45 @@ def representation_encoder(method: nn.Module) -> nn.Module:
     """The encoder module that is the representation: ``method.encoder``, or the teacher's copy of it."""
     prefix = representation_prefix(method)
     return method.encoder if prefix == "encoder." else method.get_submodule(prefix.rstrip("."))
+
+
+class Center(nn.Module):
+    """DINO's centre: an exponential moving average of the teacher's mean output over the global batch.
+
+    ``center = m * center + (1 - m) * mean(teacher outputs of the step, all ranks)``. The outputs of a step
+    are summed locally by :meth:`accumulate` (every gradient-accumulation micro-step adds to the sum) and
+    folded in by :meth:`update` after a real optimizer step, with one all-reduce of the sum and the count;
+    a step the non-finite guard skipped calls :meth:`discard` instead, so a NaN never reaches the centre.
+    The centre is a buffer: saved in checkpoints, identical on every rank, continued bit-exactly on resume.
+
+    Args:
+        dim: width of the teacher output (the number of prototypes).
+        momentum: the EMA momentum per optimizer step (0.9 in DINO).
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.9):
+        super().__init__()
+        if not 0 <= momentum < 1:
+            raise ValueError(f"center_momentum={momentum} must be in [0, 1)")
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, dim))
+        self.register_buffer("pending", torch.zeros(dim + 1), persistent=False)  # sum of outputs, then count
+
+    @torch.no_grad()
+    def accumulate(self, outputs: Tensor) -> None:
+        """Add this rank's ``(N, dim)`` teacher outputs of the step."""
+        self.pending[:-1] += outputs.detach().float().sum(0)
+        self.pending[-1] += outputs.shape[0]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the step's global mean in (every rank, after the optimizer step); a no-op with nothing pending."""
+        total = all_reduce_sum(self.pending.clone())
+        count = total[-1].clamp_min(1)  # 0 outputs: nothing to fold, and the weights below keep the centre
+        weight = torch.where(total[-1] > 0, 1 - self.momentum, 0.0)
+        self.center.mul_(1 - weight).add_(weight * total[:-1] / count)
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop the step's outputs (a skipped step)."""
+        self.pending.zero_()

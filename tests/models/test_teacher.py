@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from selfsup.models.teacher import EMATeacher, as_schedule, representation_prefix, schedule_config
-from selfsup.optim import Constant, Cosine
+from selfsup.models.teacher import EMATeacher, representation_prefix
+from selfsup.optim import Constant, Cosine, as_schedule, schedule_config
 from tests.helpers.methods import build, tiny_fit
 
 

@@ -263,14 +263,15 @@ class ContrastiveViews(AugmentedViews):
         return [(augmentation(p), 1) for p in self.view_params]
 
 
-def _per_view(name: str, value: PerView, num_views: int) -> list[float]:
-    """One probability per view from a number or a list of ``num_views`` numbers."""
+def _per_view(name: str, value: PerView, num_views: int, what: str = "") -> list[float]:
+    """One probability per view from a number or a list of ``num_views`` numbers (``what`` says what each
+    value is for, in the error)."""
     if isinstance(value, (int, float)):
         return [float(value)] * num_views
     values = [float(v) for v in value]
     if len(values) != num_views:
-        raise ValueError(f"{name}={list(value)} has {len(values)} values for num_views={num_views}: give one "
-                         "number for every view or one per view")
+        raise ValueError(f"{name}={list(value)} has {len(values)} values for {what or f'num_views={num_views}'}: "
+                         "give one number for every view or one per view")
     return values
 
 
@@ -299,6 +300,9 @@ class MultiCropViews(AugmentedViews):
     (0.14, 1) and 6x96 at (0.05, 0.14); colour jitter (strength 1.0, p=0.8), grayscale (p=0.2) and
     Gaussian blur (p=0.5) on every crop. ``local_crops: {count: 0, ...}`` turns multi-crop off.
 
+    Each probability is one number for every crop or a list with one value per global crop, then one for
+    all the local crops: DINO's ``blur_p: [1.0, 0.1, 0.5]`` and ``solarize_p: [0.0, 0.2, 0.0]``.
+
     On small images scale the local crops up: on 28 px Fashion-MNIST, (0.05, 0.14) cuts 6-10 px regions
     that say little about the garment; ``recipes/demo/swav.yaml`` uses (0.14, 0.4) and records what it
     changes.
@@ -306,7 +310,8 @@ class MultiCropViews(AugmentedViews):
 
     def __init__(self, global_crops: Crops = Crops(2, 224, (0.14, 1.0)),
                  local_crops: Crops = Crops(6, 96, (0.05, 0.14)), jitter_strength: float = 1.0,
-                 jitter_p: float = 0.8, grayscale_p: float = 0.2, blur_p: float = 0.5, solarize_p: float = 0.0):
+                 jitter_p: PerView = 0.8, grayscale_p: PerView = 0.2, blur_p: PerView = 0.5,
+                 solarize_p: PerView = 0.0):
         global_crops, local_crops = _as_crops(global_crops), _as_crops(local_crops)
         global_crops.check("global_crops")
         local_crops.check("local_crops")
@@ -314,18 +319,32 @@ class MultiCropViews(AugmentedViews):
             raise ValueError(f"global_crops.count={global_crops.count}: multi-crop needs at least one global "
                              "crop (the paper uses 2)")
         self.global_crops, self.local_crops = global_crops, local_crops
-        self.params = dict(jitter_strength=jitter_strength, jitter_p=jitter_p, grayscale_p=grayscale_p,
-                           blur_p=blur_p, solarize_p=solarize_p)
-        _check_augmentation(**self.params)
+        slots = global_crops.count + bool(local_crops.count)  # each global crop, then all the local ones
+        what = f"{global_crops.count} global crop(s)" + (" and the local crops" if local_crops.count else "")
+        per_slot = {name: _per_view(name, p, slots, what) for name, p in
+                    (("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p), ("solarize_p", solarize_p))}
+        self.slot_params = [dict(jitter_strength=jitter_strength, **{n: ps[i] for n, ps in per_slot.items()})
+                            for i in range(slots)]
+        for params in self.slot_params:
+            _check_augmentation(**params)
 
     @property
     def num_views(self) -> int:
         return self.global_crops.count + self.local_crops.count
 
     def make_groups(self, preprocessing: Preprocessing) -> list[tuple[Augmentation, int]]:
-        return [(Augmentation(crops.size, tuple(crops.scale), **self.params, mean=preprocessing.mean,
-                              std=preprocessing.std), crops.count)
-                for crops in (self.global_crops, self.local_crops) if crops.count]
+        def augmentation(crops: Crops, params: dict[str, Any]) -> Augmentation:
+            return Augmentation(crops.size, tuple(crops.scale), **params, mean=preprocessing.mean,
+                                std=preprocessing.std)
+
+        n = self.global_crops.count
+        if all(p == self.slot_params[0] for p in self.slot_params[:n]):  # one group for identical global crops
+            groups = [(augmentation(self.global_crops, self.slot_params[0]), n)]
+        else:
+            groups = [(augmentation(self.global_crops, p), 1) for p in self.slot_params[:n]]
+        if self.local_crops.count:
+            groups.append((augmentation(self.local_crops, self.slot_params[n]), self.local_crops.count))
+        return groups
 
 
 def _as_crops(crops: Crops | dict[str, Any]) -> Crops:

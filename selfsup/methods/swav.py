@@ -213,10 +213,7 @@ class SwAV(SSLMethod):
         if len(views) < 2:
             raise ValueError("SwAV needs at least 2 views to predict one crop's code from another; "
                              "use data.views: MultiCropViews or ContrastiveViews")
-        sizes = sorted({tuple(v.shape[-2:]) for v in views})
-        if len(sizes) > 1 and self.encoder.is_vit and not getattr(self.encoder.model, "dynamic_img_size", False):
-            raise ValueError(f"the views have sizes {sizes} but the ViT encoder takes one size; set "
-                             "model.encoder.init_args.dynamic_img_size: true for multi-crop")
+        self.encoder.check_view_sizes(views)
 
     def _warn_if_collapsed(self, loss: Tensor) -> None:
         """Warn (every COLLAPSE_WARNING_INTERVAL steps at most, so the loss is read on the host only then)

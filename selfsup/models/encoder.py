@@ -115,6 +115,13 @@ class Encoder(nn.Module):
         self.model.conv1 = nn.Conv2d(in_chans, conv.out_channels, 3, stride=1, padding=1, bias=False)
         self.model.maxpool = nn.Identity()
 
+    def check_view_sizes(self, views: list[Tensor]) -> None:
+        """Multi-crop views of several sizes need a CNN or a ViT with ``dynamic_img_size``: else name it."""
+        sizes = sorted({tuple(v.shape[-2:]) for v in views})
+        if len(sizes) > 1 and self.is_vit and not getattr(self.model, "dynamic_img_size", False):
+            raise ValueError(f"the views have sizes {sizes} but the ViT encoder takes one size; set "
+                             "model.encoder.init_args.dynamic_img_size: true for multi-crop")
+
     def match_channels(self, x: Tensor) -> Tensor:
         """``x`` as the encoder sees it: grey images repeated to ``in_chans`` channels (a view, no copy);
         methods that reconstruct pixels use it for their targets."""

@@ -69,7 +69,32 @@ views:
     views = parser.instantiate(config).views
     assert isinstance(views, MultiCropViews)
     assert views.num_views == 6 and views.local_crops == Crops(4, 16, (0.05, 0.14))
-    assert views.params["blur_p"] == 0.0
+    assert all(p["blur_p"] == 0.0 for p in views.slot_params)
+
+
+def test_dino_per_crop_probabilities_give_each_global_crop_its_own_pipeline():
+    """DINO: global crop 1 always blurred, never solarised; global crop 2 rarely blurred, sometimes
+    solarised; every local crop blurred half the time."""
+    from selfsup.data.augment import BLUR_SIGMA, SOLARIZE
+    from selfsup.data.transforms import Preprocessing
+
+    views = MultiCropViews(Crops(2, 16, (0.4, 1.0)), Crops(3, 8, (0.05, 0.4)),
+                           blur_p=[1.0, 0.0, 0.5], solarize_p=[0.0, 1.0, 0.0])
+    views.bind(Preprocessing(image_size=16))
+    assert [(aug.size, aug.blur_p, aug.solarize_p, n) for aug, n in views.groups] == \
+        [(16, 1.0, 0.0, 1), (16, 0.0, 1.0, 1), (8, 0.5, 0.0, 3)]
+    views.device_augment = True
+    blurred = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out = views(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8))
+        assert out.colour[0][BLUR_SIGMA] > 0 and out.colour[0][SOLARIZE] == 0
+        assert out.colour[1][BLUR_SIGMA] == 0 and out.colour[1][SOLARIZE] == 1
+        assert all(c[SOLARIZE] == 0 for c in out.colour[2:])
+        blurred += [float(c[BLUR_SIGMA] > 0) for c in out.colour[2:]]
+    assert 0.25 < sum(blurred) / len(blurred) < 0.75
+    with pytest.raises(ValueError, match=r"blur_p=\[1.0, 0.1\] has 2 values for 2 global crop\(s\) and the local"):
+        MultiCropViews(Crops(2, 16, (0.4, 1.0)), Crops(3, 8, (0.05, 0.4)), blur_p=[1.0, 0.1])
 
 
 def test_batches_group_by_resolution_and_encode_once_per_resolution():

@@ -1,10 +1,14 @@
-"""Heads: the MLP used as projector or predictor."""
+"""Heads: the MLP used as projector or predictor, and DINO's head (MLP, L2 bottleneck, weight-normalised
+prototypes)."""
 
 from __future__ import annotations
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
 
 LAST_NORMS = (False, True, "plain", "scale")
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
 
 
 class ScaleBatchNorm1d(nn.BatchNorm1d):
@@ -39,14 +43,17 @@ class MLP(nn.Sequential):
             the BatchNorm would remove anyway.
         last_bias: whether the last linear layer has a bias; ``None``: unless ``last_norm`` is set. VICReg's
             expander and Barlow Twins' projector end with a bias-free linear layer (``False``).
+        activation: ``"relu"``, or ``"gelu"`` (DINO's head).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, norm: str | None = "bn",
-                 last_norm: bool | str = False, last_bias: bool | None = None):
+                 last_norm: bool | str = False, last_bias: bool | None = None, activation: str = "relu"):
         if num_layers < 1:
             raise ValueError(f"num_layers={num_layers} must be at least 1")
         if norm not in ("bn", None):
             raise ValueError(f"norm={norm!r} must be 'bn' or None")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} must be one of {list(ACTIVATIONS)}")
         final_norm = last_norm_layer(last_norm, out_dim)
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
@@ -56,7 +63,41 @@ class MLP(nn.Sequential):
             layers.append(nn.Linear(a, b, bias=bias))
             if not last:
                 layers += [nn.BatchNorm1d(b)] if norm == "bn" else []
-                layers.append(nn.ReLU(inplace=True))
+                layers.append(ACTIVATIONS[activation]())
         if final_norm is not None:
             layers.append(final_norm)
         super().__init__(*layers)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head: ``MLP -> L2-normalise (bottleneck) -> weight-normalised linear (prototypes)``.
+
+    Args:
+        in_dim: the encoder's feature width.
+        out_dim: number of prototypes ``K`` (65536 in the paper).
+        hidden_dim, bottleneck_dim, num_layers: the MLP (2048, 256, 3 layers, GELU).
+        batch_norm: BatchNorm in the MLP's hidden layers (the paper's ResNet-50 set-up; off for ViTs).
+        norm_last_layer: fix the norm of every prototype to 1 (``g = 1``, not trained), the paper's default for
+            stability; ``False`` trains ``g`` too.
+
+    The last layer is ``last_layer`` (torch's weight-norm parametrization: ``original0`` is ``g``, ``original1``
+    the direction), so a method can freeze it for the first epoch (DINO's ``freeze_last_layer``).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 num_layers: int = 3, batch_norm: bool = False, norm_last_layer: bool = True):
+        super().__init__()
+        self.mlp = MLP(in_dim, hidden_dim, bottleneck_dim, num_layers, norm="bn" if batch_norm else None,
+                       last_bias=True, activation="gelu")
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        g = self.last_layer.parametrizations.weight.original0
+        nn.init.ones_(g)
+        g.requires_grad_(not norm_last_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))

@@ -21,7 +21,7 @@ from selfsup.models.encoder import Encoder
 IMAGE_SIZE = 16
 # CNN methods train at 32 px in fits: at 16 px a ResNet's last stage sees 1x1 maps, where torch 2.14's
 # CPU bf16 convolution weight gradient (3x3, stride 2, 1x1 input) returns NaN in about 30% of calls.
-FIT_IMAGE_SIZE = {"simclr": 32, "swav": 48, "byol": 32, "vicreg": 32, "barlowtwins": 32}
+FIT_IMAGE_SIZE = {"simclr": 32, "swav": 48, "byol": 32, "vicreg": 32, "barlowtwins": 32, "dino": 48}
 BASE = dict(optimizer="adamw", base_lr=1e-3, weight_decay=1e-4, warmup_epochs=0.0)
 
 
@@ -75,6 +75,16 @@ def _barlowtwins(module, base: dict) -> tuple:
     return method, ContrastiveViews(blur_p=0.0)
 
 
+def _dino(module, base: dict) -> tuple:
+    from selfsup.data.transforms import Crops, MultiCropViews
+
+    # a fast teacher (momentum 0.5) and no frozen last layer, so the teacher and the head visibly move in tests
+    base = {"teacher_momentum": 0.5, "freeze_last_layer_epochs": 0.0, **base}
+    method = module.DINO(Encoder("test_resnet"), out_dim=64, hidden_dim=32, bottleneck_dim=16, **base)
+    return method, MultiCropViews(global_crops=Crops(2, 48, (0.4, 1.0)), local_crops=Crops(2, 32, (0.05, 0.4)),
+                                  blur_p=[1.0, 0.1, 0.5], solarize_p=[0.0, 0.2, 0.0])
+
+
 FACTORIES: dict[str, tuple[str, Callable]] = {
     "simclr": ("selfsup.methods.simclr", _simclr),
     "mae": ("selfsup.methods.mae", _mae),
@@ -83,6 +93,7 @@ FACTORIES: dict[str, tuple[str, Callable]] = {
     "byol": ("selfsup.methods.byol", _byol),
     "vicreg": ("selfsup.methods.vicreg", _vicreg),
     "barlowtwins": ("selfsup.methods.barlowtwins", _barlowtwins),
+    "dino": ("selfsup.methods.dino", _dino),
 }
 METHODS = list(FACTORIES)
 

@@ -85,13 +85,16 @@ def test_representation_prefix():
 
 # -- in a run: only after real optimizer steps --------------------------------------------------
 class TeacherTrace(L.Callback):
-    """The teacher's first weight after every training batch."""
+    """The teacher's first weight (and DINO's centre, where there is one) after every training batch."""
 
     def __init__(self):
         self.values: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.values.append(next(module.teacher.parameters()).detach().flatten()[:4].clone())
+        parts = [next(module.teacher.parameters()).detach().flatten()[:4]]
+        if hasattr(module, "center"):
+            parts.append(module.center.center.flatten()[:4])
+        self.values.append(torch.cat(parts).clone())
 
 
 def _changes(trace: TeacherTrace) -> list[bool]:
@@ -99,9 +102,10 @@ def _changes(trace: TeacherTrace) -> list[bool]:
     return [not torch.equal(a, b) for a, b in zip(values[:-1], values[1:])]
 
 
-def test_teacher_moves_once_per_accumulated_step(tmp_path):
+@pytest.mark.parametrize("name", ["byol", "dino"])
+def test_teacher_moves_once_per_accumulated_step(name, tmp_path):
     trace = TeacherTrace()
-    _, trainer = tiny_fit("byol", tmp_path, max_steps=3, callbacks=[trace], accumulate_grad_batches=2,
+    _, trainer = tiny_fit(name, tmp_path, max_steps=3, callbacks=[trace], accumulate_grad_batches=2,
                           model_overrides={"base_lr": 1e-2})
     assert trainer.global_step == 3 and len(trace.values) == 6
     # batch 0 is a micro-step (teacher as built), batch 1 steps, batch 2 waits, batch 3 steps, ...

@@ -251,6 +251,9 @@ def assert_ranks_match(ranks: list, terms: dict, grads: dict, terms_tol: tuple[f
     assert any(k.startswith("encoder.") and g.abs().sum() > 0 for k, g in grads.items())
 
 
+FAST_TEACHER = 0.5  # an EMA momentum under which a teacher visibly moves in 3 steps
+
+
 def sgd_with_teacher(method, batch: Batch, world_size: int, steps: int = 3) -> dict[str, torch.Tensor]:
     """SGD steps (momentum 0.9) on ``batch``, gradients averaged over ranks as DDP does, the EMA teacher
     updated after every step; the final state dict."""
@@ -268,26 +271,26 @@ def sgd_with_teacher(method, batch: Batch, world_size: int, steps: int = 3) -> d
     return {k: v.detach().clone() for k, v in method.state_dict().items()}
 
 
-def _teacher_rank(rank: int, world_size: int, make: Callable, per_rank: int, steps: int) -> dict:
+def _teacher_rank(rank: int, world_size: int, name: str, per_rank: int, steps: int) -> dict:
     from selfsup.models.sync_batchnorm import convert_sync_batchnorm
 
-    method, views = make()
+    method, views = build(name, teacher_momentum=FAST_TEACHER)
     batch = synthetic_batch(views, world_size * per_rank)
     part = slice(rank * per_rank, (rank + 1) * per_rank)
     local = Batch(views=[v[part] for v in batch.views], labels=batch.labels[part], index=batch.index[part])
     return sgd_with_teacher(convert_sync_batchnorm(method), local, world_size, steps)
 
 
-def assert_teacher_ranks_match(make: Callable, world: int = 2, per_rank: int = 4, steps: int = 3) -> None:
-    """``make()`` gives ``(method, views)`` with an EMA teacher: :func:`sgd_with_teacher` on 2 gloo ranks with
-    ``per_rank`` images each (SyncBatchNorm) ends in the state of 1 process on all the images, teacher included.
-    ``make`` must be a module-level function (the ranks are spawned processes)."""
+def assert_teacher_ranks_match(name: str, world: int = 2, per_rank: int = 4, steps: int = 3) -> None:
+    """Method ``name`` (one with an EMA teacher, momentum ``FAST_TEACHER`` so that it visibly moves in a few
+    steps): :func:`sgd_with_teacher` on 2 gloo ranks with ``per_rank`` images each (SyncBatchNorm) ends in the
+    state of 1 process on all the images, teacher included."""
     from tests.helpers.dist import run_distributed
 
-    method, views = make()
+    method, views = build(name, teacher_momentum=FAST_TEACHER)
     initial = {k: v.clone() for k, v in method.teacher.state_dict().items()}
     expected = sgd_with_teacher(method, synthetic_batch(views, world * per_rank), 1, steps)
-    ranks = run_distributed(_teacher_rank, world, make, per_rank, steps)
+    ranks = run_distributed(_teacher_rank, world, name, per_rank, steps)
     for key, value in expected.items():
         for r in ranks:
             assert torch.allclose(r[key].float(), value.float(), atol=1e-5), f"{key} differs on a rank"

@@ -21,7 +21,7 @@ from selfsup.models.encoder import Encoder
 IMAGE_SIZE = 16
 # CNN methods train at 32 px in fits: at 16 px a ResNet's last stage sees 1x1 maps, where torch 2.14's
 # CPU bf16 convolution weight gradient (3x3, stride 2, 1x1 input) returns NaN in about 30% of calls.
-FIT_IMAGE_SIZE = {"simclr": 32, "swav": 48, "byol": 32, "vicreg": 32, "barlowtwins": 32, "dino": 48}
+FIT_IMAGE_SIZE = {"simclr": 32, "swav": 48, "byol": 32, "vicreg": 32, "barlowtwins": 32, "dino": 48, "mocov3": 32}
 BASE = dict(optimizer="adamw", base_lr=1e-3, weight_decay=1e-4, warmup_epochs=0.0)
 
 
@@ -61,6 +61,11 @@ def _byol(module, base: dict) -> tuple:
     return method, ContrastiveViews(blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2])  # the paper's asymmetric views
 
 
+def _mocov3(module, base: dict) -> tuple:
+    method = module.MoCoV3(Encoder("test_resnet"), proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, **base)
+    return method, ContrastiveViews(blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2])  # BYOL's asymmetric views
+
+
 # VICReg and Barlow Twins at a tenth of their loss scale (solo-learn's CIFAR ``scale_loss`` for Barlow Twins):
 # at full scale the 3 SGD steps of tests/test_distributed.py move the weights so far that float32 rounding
 # (BatchNorm sums split over 2 ranks) grows past its 1e-5 tolerance; in float64 they agree to 1e-12 either way.
@@ -94,6 +99,7 @@ FACTORIES: dict[str, tuple[str, Callable]] = {
     "vicreg": ("selfsup.methods.vicreg", _vicreg),
     "barlowtwins": ("selfsup.methods.barlowtwins", _barlowtwins),
     "dino": ("selfsup.methods.dino", _dino),
+    "mocov3": ("selfsup.methods.mocov3", _mocov3),
 }
 METHODS = list(FACTORIES)
 
@@ -213,19 +219,21 @@ def rank_share(model, views: list[torch.Tensor], rank: int, world_size: int) -> 
 
 
 def train_on_fixed_pairs(method, steps: int = 25, lr: float = 3e-3, size: int = 32) -> tuple[dict, dict]:
-    """Adam steps on one fixed batch of noisy pairs of ``size`` random images; the loss terms (floats) at the
-    first step and after the last: a learning check for two-view methods."""
+    """Adam steps on one fixed batch of noisy pairs of ``size`` random images (an EMA teacher updated after
+    each); the loss terms (floats) at the first step and after the last: a learning check for two-view methods."""
     torch.manual_seed(0)
     base = torch.randn(size, 3, 32, 32)
     views = [base + 0.1 * torch.randn_like(base) for _ in range(2)]
     batch = Batch(views=views, labels=torch.zeros(size, dtype=torch.long), index=torch.arange(size))
-    opt = torch.optim.Adam(method.parameters(), lr=lr)
+    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr)
     first = None
-    for _ in range(steps):
+    for step in range(steps):
         terms = method.training_loss(batch)
         opt.zero_grad()
         terms["loss"].backward()
         opt.step()
+        if hasattr(method, "teacher"):
+            method.teacher.update(step, steps, steps)
         first = first or {k: v.item() for k, v in terms.items() if k != "features"}
     return first, {k: v.item() for k, v in method.training_loss(batch).items() if k != "features"}
 
@@ -241,3 +249,50 @@ def assert_ranks_match(ranks: list, terms: dict, grads: dict, terms_tol: tuple[f
         for k in grads:
             torch.testing.assert_close(rank_grads[k], grads[k], rtol=grads_tol[0], atol=grads_tol[1], msg=k)
     assert any(k.startswith("encoder.") and g.abs().sum() > 0 for k, g in grads.items())
+
+
+FAST_TEACHER = 0.5  # an EMA momentum under which a teacher visibly moves in 3 steps
+
+
+def sgd_with_teacher(method, batch: Batch, world_size: int, steps: int = 3) -> dict[str, torch.Tensor]:
+    """SGD steps (momentum 0.9) on ``batch``, gradients averaged over ranks as DDP does, the EMA teacher
+    updated after every step; the final state dict."""
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    for step in range(steps):
+        optimizer.zero_grad()
+        method.training_loss(batch)["loss"].backward()
+        if world_size > 1:
+            for p in method.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world_size
+        optimizer.step()
+        method.teacher.update(step, steps, steps)
+    return {k: v.detach().clone() for k, v in method.state_dict().items()}
+
+
+def _teacher_rank(rank: int, world_size: int, name: str, per_rank: int, steps: int) -> dict:
+    from selfsup.models.sync_batchnorm import convert_sync_batchnorm
+
+    method, views = build(name, teacher_momentum=FAST_TEACHER)
+    batch = synthetic_batch(views, world_size * per_rank)
+    part = slice(rank * per_rank, (rank + 1) * per_rank)
+    local = Batch(views=[v[part] for v in batch.views], labels=batch.labels[part], index=batch.index[part])
+    return sgd_with_teacher(convert_sync_batchnorm(method), local, world_size, steps)
+
+
+def assert_teacher_ranks_match(name: str, world: int = 2, per_rank: int = 4, steps: int = 3) -> None:
+    """Method ``name`` (one with an EMA teacher, momentum ``FAST_TEACHER`` so that it visibly moves in a few
+    steps): :func:`sgd_with_teacher` on 2 gloo ranks with ``per_rank`` images each (SyncBatchNorm) ends in the
+    state of 1 process on all the images, teacher included."""
+    from tests.helpers.dist import run_distributed
+
+    method, views = build(name, teacher_momentum=FAST_TEACHER)
+    initial = {k: v.clone() for k, v in method.teacher.state_dict().items()}
+    expected = sgd_with_teacher(method, synthetic_batch(views, world * per_rank), 1, steps)
+    ranks = run_distributed(_teacher_rank, world, name, per_rank, steps)
+    for key, value in expected.items():
+        for r in ranks:
+            assert torch.allclose(r[key].float(), value.float(), atol=1e-5), f"{key} differs on a rank"
+    moved = [k for k, v in method.teacher.state_dict().items() if v.is_floating_point() and not torch.equal(v, initial[k])]
+    assert any(k.endswith("weight") for k in moved), "sanity: the teacher moved"

@@ -6,13 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from selfsup.data.transforms import ContrastiveViews, Preprocessing
 from selfsup.methods.byol import BYOL, byol_loss, normalized_mse
 from selfsup.models.encoder import Encoder
-from tests.helpers.dist import run_distributed
-from tests.helpers.methods import build, synthetic_batch
+from tests.helpers.methods import assert_teacher_ranks_match, synthetic_batch
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,51 +50,8 @@ def test_normalized_mse_is_two_minus_two_cos_float32_and_stops_target_gradient()
 
 
 # -- 2 gloo ranks x B == 1 process x 2B, teacher updated after every step -----------------------
-WORLD, PER_RANK, STEPS = 2, 4, 3
-
-
-def _train(method, batch, world_size: int) -> dict[str, torch.Tensor]:
-    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    for step in range(STEPS):
-        optimizer.zero_grad()
-        method.training_loss(batch)["loss"].backward()
-        if world_size > 1:
-            for p in method.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world_size
-        optimizer.step()
-        method.teacher.update(step, STEPS, STEPS)
-    return {k: v.detach().clone() for k, v in method.state_dict().items()}
-
-
-def _rank(rank: int, world_size: int) -> dict:
-    from selfsup.models.sync_batchnorm import convert_sync_batchnorm
-    from tests.test_distributed import _slice
-
-    method, views = _byol_fast()
-    batch = synthetic_batch(views, WORLD * PER_RANK)
-    method = convert_sync_batchnorm(method)
-    return _train(method, _slice(batch, slice(rank * PER_RANK, (rank + 1) * PER_RANK)), world_size)
-
-
-def _byol_fast():
-    """The tiny BYOL with a fast-moving teacher (momentum 0.5), so the teacher visibly moves in 3 steps."""
-    torch.manual_seed(0)
-    method = BYOL(Encoder("test_resnet"), proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, teacher_momentum=0.5)
-    return method, ContrastiveViews(blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2])
-
-
 def test_two_ranks_equal_one_process_teacher_included():
-    method, views = _byol_fast()
-    initial = {k: v.clone() for k, v in method.teacher.state_dict().items()}
-    expected = _train(method, synthetic_batch(views, WORLD * PER_RANK), 1)
-    ranks = run_distributed(_rank, WORLD)
-    for key, value in expected.items():
-        for r in ranks:
-            assert torch.allclose(r[key].float(), value.float(), atol=1e-5), f"{key} differs on a rank"
-    moved = [k for k, v in method.teacher.state_dict().items() if v.is_floating_point() and not torch.equal(v, initial[k])]
-    assert any(k.endswith("weight") for k in moved), "sanity: the teacher moved"
+    assert_teacher_ranks_match("byol")
 
 
 # -- per-view augmentation ----------------------------------------------------------------------
@@ -183,6 +138,13 @@ def test_export_of_the_representation_loads_in_timm_with_identical_features(tmp_
 
 
 # -- learning ---------------------------------------------------------------------------------------
+def _byol_fast():
+    """The tiny BYOL with a fast-moving teacher (momentum 0.5), so the teacher visibly moves in 3 steps."""
+    torch.manual_seed(0)
+    method = BYOL(Encoder("test_resnet"), proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, teacher_momentum=0.5)
+    return method, ContrastiveViews(blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2])
+
+
 def test_loss_decreases_on_a_fixed_batch():
     method, views = _byol_fast()
     batch = synthetic_batch(views, 16)

@@ -255,8 +255,8 @@ FAST_TEACHER = 0.5  # an EMA momentum under which a teacher visibly moves in 3 s
 
 
 def sgd_with_teacher(method, batch: Batch, world_size: int, steps: int = 3) -> dict[str, torch.Tensor]:
-    """SGD steps (momentum 0.9) on ``batch``, gradients averaged over ranks as DDP does, the EMA teacher
-    updated after every step; the final state dict."""
+    """SGD steps (momentum 0.9) on ``batch``, gradients averaged over ranks as DDP does, the EMA teacher (and
+    DINO's centre, where there is one) updated after every step; the final state dict."""
     optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     for step in range(steps):
         optimizer.zero_grad()
@@ -268,6 +268,8 @@ def sgd_with_teacher(method, batch: Batch, world_size: int, steps: int = 3) -> d
                     p.grad /= world_size
         optimizer.step()
         method.teacher.update(step, steps, steps)
+        if hasattr(method, "center"):
+            method.center.update()
     return {k: v.detach().clone() for k, v in method.state_dict().items()}
 
 
@@ -288,11 +290,12 @@ def assert_teacher_ranks_match(name: str, world: int = 2, per_rank: int = 4, ste
     from tests.helpers.dist import run_distributed
 
     method, views = build(name, teacher_momentum=FAST_TEACHER)
-    initial = {k: v.clone() for k, v in method.teacher.state_dict().items()}
+    initial = {k: v.clone() for k, v in method.state_dict().items()}
     expected = sgd_with_teacher(method, synthetic_batch(views, world * per_rank), 1, steps)
     ranks = run_distributed(_teacher_rank, world, name, per_rank, steps)
     for key, value in expected.items():
         for r in ranks:
             assert torch.allclose(r[key].float(), value.float(), atol=1e-5), f"{key} differs on a rank"
-    moved = [k for k, v in method.teacher.state_dict().items() if v.is_floating_point() and not torch.equal(v, initial[k])]
-    assert any(k.endswith("weight") for k in moved), "sanity: the teacher moved"
+    moved = [k for k, v in expected.items() if v.is_floating_point() and not torch.equal(v, initial[k])]
+    assert any(k.startswith("teacher.") and k.endswith("weight") for k in moved), "sanity: the teacher moved"
+    assert not hasattr(method, "center") or "center.center" in moved, "sanity: the centre moved"

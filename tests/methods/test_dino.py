@@ -7,14 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from selfsup.methods.dino import DINO, dino_loss
 from selfsup.models.encoder import Encoder
 from selfsup.models.heads import DINOHead
 from selfsup.models.teacher import Center
 from tests.helpers.dist import run_distributed
-from tests.helpers.methods import build, synthetic_batch, tiny_fit
+from tests.helpers.methods import assert_teacher_ranks_match, build, synthetic_batch, tiny_fit
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -115,45 +114,8 @@ def test_head_bottleneck_is_normalised_and_prototype_norms_are_fixed_or_trained(
 
 
 # -- 2 gloo ranks x B == 1 process x 2B, teacher and centre updated after every step --------------------
-WORLD, PER_RANK, STEPS = 2, 4, 3
-
-
-def _train(method, batch, world_size: int) -> dict[str, torch.Tensor]:
-    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    for step in range(STEPS):
-        optimizer.zero_grad()
-        method.training_loss(batch)["loss"].backward()
-        if world_size > 1:
-            for p in method.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world_size
-        optimizer.step()
-        method.teacher.update(step, STEPS, STEPS)
-        method.center.update()
-    return {k: v.detach().clone() for k, v in method.state_dict().items()}
-
-
-def _rank(rank: int, world_size: int) -> dict:
-    from selfsup.models.sync_batchnorm import convert_sync_batchnorm
-    from tests.test_distributed import _slice
-
-    method, views = build("dino")
-    batch = synthetic_batch(views, WORLD * PER_RANK)
-    method = convert_sync_batchnorm(method)
-    return _train(method, _slice(batch, slice(rank * PER_RANK, (rank + 1) * PER_RANK)), world_size)
-
-
 def test_two_ranks_equal_one_process_teacher_and_center_included():
-    method, views = build("dino")
-    initial = {k: v.clone() for k, v in method.state_dict().items()}
-    expected = _train(method, synthetic_batch(views, WORLD * PER_RANK), 1)
-    for r in run_distributed(_rank, WORLD):
-        for key, value in expected.items():
-            assert torch.allclose(r[key].float(), value.float(), atol=1e-5), f"{key} differs on a rank"
-    for prefix in ("teacher.", "center.", "head."):
-        assert any(k.startswith(prefix) and not torch.equal(v, initial[k]) for k, v in expected.items()
-                   if v.is_floating_point()), f"sanity: {prefix} moved"
+    assert_teacher_ranks_match("dino")
 
 
 # -- in a fit --------------------------------------------------------------------------------------------

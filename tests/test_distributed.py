@@ -164,7 +164,8 @@ class _CheckRanksAgree(L.Callback):
         has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
         assert not has_batchnorm or any(isinstance(m, SyncBatchNorm) for m in module.modules()), \
             "sync_batchnorm did not apply"
-        flat = torch.cat([p.detach().flatten() for p in module.parameters()])
+        flat = torch.cat([p.detach().flatten().float() for p in module.parameters()] +  # teachers included
+                         [b.flatten().float() for b in module.buffers() if b.is_floating_point()])  # DINO's centre
         gathered = [torch.empty_like(flat) for _ in range(2)]
         dist.all_gather(gathered, flat)
         assert torch.equal(gathered[0], gathered[1]), "DDP ranks diverged"
@@ -172,10 +173,11 @@ class _CheckRanksAgree(L.Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["simclr", "simmim"])
+@pytest.mark.parametrize("name", ["simclr", "simmim", "dino"])
 def test_lightning_ddp_on_two_cpu_processes(tmp_path, name):
     """Lightning's DDP (``find_unused_parameters=False``, its default) stops at the second step if a
-    parameter got no gradient: SimMIM with ``pool: avg`` (its recipes) once left the ViT's ``fc_norm`` out."""
+    parameter got no gradient: SimMIM with ``pool: avg`` (its recipes) once left the ViT's ``fc_norm`` out.
+    DINO: its teacher and its centre (one all-reduce per step, in ``optimizer_step``) agree on both ranks."""
     from tests.helpers.methods import tiny_fit
 
     method, trainer = tiny_fit(name, tmp_path, 2, callbacks=[_CheckRanksAgree()],

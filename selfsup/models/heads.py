@@ -3,9 +3,9 @@ prototypes)."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import weight_norm
 
 LAST_NORMS = (False, True, "plain", "scale")
 ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
@@ -69,6 +69,27 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
+class WeightNormLinear(nn.Module):
+    """A bias-free linear layer with weight normalisation (Salimans and Kingma 2016): row ``i`` of the weight is
+    ``weight_g[i] * weight_v[i] / |weight_v[i]|``, ``weight_g`` starting at 1 (trained only with ``train_norm``).
+
+    The parameter names are those of torch's former ``weight_norm`` (and of DINO's checkpoints). Plain
+    parameters rather than torch's parametrization, which cannot be pickled (``ddp_spawn``, notebooks).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, train_norm: bool = False):
+        super().__init__()
+        self.weight_v = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach().clone())
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=train_norm)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.weight_g * F.normalize(self.weight_v, dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
 class DINOHead(nn.Module):
     """DINO's projection head: ``MLP -> L2-normalise (bottleneck) -> weight-normalised linear (prototypes)``.
 
@@ -80,8 +101,8 @@ class DINOHead(nn.Module):
         norm_last_layer: fix the norm of every prototype to 1 (``g = 1``, not trained), the paper's default for
             stability; ``False`` trains ``g`` too.
 
-    The last layer is ``last_layer`` (torch's weight-norm parametrization: ``original0`` is ``g``, ``original1``
-    the direction), so a method can freeze it for the first epoch (DINO's ``freeze_last_layer``).
+    The last layer is ``last_layer`` (:class:`WeightNormLinear`), so a method can freeze it for the first
+    epoch (DINO's ``freeze_last_layer``).
     """
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
@@ -94,10 +115,7 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        g = self.last_layer.parametrizations.weight.original0
-        nn.init.ones_(g)
-        g.requires_grad_(not norm_last_layer)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, train_norm=not norm_last_layer)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))

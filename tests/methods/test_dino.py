@@ -100,14 +100,19 @@ def test_center_on_two_ranks_is_the_center_of_the_global_batch():
 # -- the head --------------------------------------------------------------------------------------------
 def test_head_bottleneck_is_normalised_and_prototype_norms_are_fixed_or_trained():
     head = DINOHead(16, out_dim=32, hidden_dim=24, bottleneck_dim=8)
-    g, v = head.last_layer.parametrizations.weight.original0, head.last_layer.parametrizations.weight.original1
+    g, v = head.last_layer.weight_g, head.last_layer.weight_v
     assert not g.requires_grad and v.requires_grad and torch.equal(g, torch.ones(32, 1))
     torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(32))  # unit-norm prototypes
+    rows = v.detach().numpy() / np.linalg.norm(v.detach().numpy(), axis=1, keepdims=True)
+    np.testing.assert_allclose(head.last_layer.weight.detach().numpy(), rows, rtol=1e-5, atol=1e-7)
     x = torch.randn(5, 16)
     z = torch.nn.functional.normalize(head.mlp(x), dim=-1)
     torch.testing.assert_close(head(x), z @ head.last_layer.weight.T)
     assert [type(m).__name__ for m in head.mlp] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
-    assert DINOHead(16, 32, 24, 8, norm_last_layer=False).last_layer.parametrizations.weight.original0.requires_grad
+    assert DINOHead(16, 32, 24, 8, norm_last_layer=False).last_layer.weight_g.requires_grad
+    import pickle
+
+    pickle.loads(pickle.dumps(head))  # ddp_spawn pickles the module: torch's weight_norm parametrization cannot
     with_bn = DINOHead(16, 32, 24, 8, batch_norm=True)  # the ResNet set-up: BatchNorm, bias-free hidden layers
     assert [type(m).__name__ for m in with_bn.mlp] == ["Linear", "BatchNorm1d", "GELU"] * 2 + ["Linear"]
     assert with_bn.mlp[0].bias is None and with_bn.mlp[-1].bias is not None
@@ -128,7 +133,7 @@ class _Trace:
 
         class Record(L.Callback):
             def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                records.append({"last": module.head.last_layer.parametrizations.weight.original1.detach().clone(),
+                records.append({"last": module.head.last_layer.weight_v.detach().clone(),
                                 "mlp": module.head.mlp[0].weight.detach().clone(),
                                 "center": module.center.center.clone(),
                                 "lr_wd": [(g["lr"], g["weight_decay"]) for g in trainer.optimizers[0].param_groups]})

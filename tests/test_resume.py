@@ -73,7 +73,7 @@ def test_checkpoint_holds_every_piece_of_run_state(tmp_path):
     assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"]
     states = checkpoint["callbacks"]
     assert set(states["ExactResume"]["rng"][0]) >= {"torch", "numpy", "python"}
-    assert states["NonFiniteGuard"] == {"skipped_steps": 0, "consecutive": 0, "requested_skips": 0}
+    assert states["NonFiniteGuard"] == {"skipped_steps": 0, "consecutive": 0, "requested_skips": 0, "scaler_skips": 0}
     assert states["DataHealth"] == {"skipped_images": 0}
     assert set(checkpoint["selfsup"]) == {"method", "encoder", "preprocessing", "encoder_prefix"}
     assert checkpoint["selfsup"]["encoder_prefix"] == "encoder."  # SimCLR's representation is its student

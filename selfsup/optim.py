@@ -120,6 +120,12 @@ class Schedule(ABC):
     def shape(self, progress: float) -> float:
         """0 at the start, 1 at the end of the schedule."""
 
+    @property
+    def varies(self) -> bool:
+        """Whether the value can change during the run (a warmup, or an ``end`` other than ``start``)."""
+        return bool(self.warmup_epochs) or (self.end is not None and self.end != self.start and
+                                            self.shape(1.0) != 0.0)
+
 
 @dataclass
 class Cosine(Schedule):
@@ -178,6 +184,14 @@ def training_steps(trainer: Any) -> tuple[int, int]:
         total = trainer.max_steps
     trainer.fit_loop.setup_data()  # so num_training_batches is known even when max_steps decides
     return int(total), max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+
+
+def global_batch_size(trainer: Any) -> int:
+    """Images per optimizer step over every device, node and accumulation micro-step (the lr scaling batch)."""
+    per_device = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+    if per_device is None:
+        raise ValueError("cannot scale the learning rate: the data module has no batch_size")
+    return per_device * trainer.world_size * trainer.accumulate_grad_batches
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule, total_steps: int,

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from selfsup.data.datamodule import Batch
 from selfsup.distributed import gather_with_grad
-from selfsup.methods.base import SSLMethod, full_precision
+from selfsup.methods.base import SSLMethod
+from selfsup.methods.common import full_precision
 from selfsup.methods.vicreg import off_diagonal
 from selfsup.models.encoder import Encoder
 from selfsup.models.heads import MLP

@@ -8,8 +8,6 @@ lives in :mod:`selfsup.run`, as callbacks a method cannot lose by overriding a h
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -19,17 +17,12 @@ from torch import Tensor
 
 from selfsup.checkpoint import encoder_config
 from selfsup.data.datamodule import Batch
+from selfsup.methods.common import check_arg
 from selfsup.models.encoder import Encoder
 from selfsup.models.teacher import representation_encoder, representation_prefix, update_teachers
-from selfsup.optim import (OPTIMIZERS, Constant, Cosine, Schedule, as_schedule, create_optimizer, lr_scheduler,
-                           no_weight_decay_names, schedule_config, set_weight_decay, training_steps)
-
-
-@contextlib.contextmanager
-def full_precision(device_type: str) -> Iterator[None]:
-    """Run a block in float32 even inside an autocast region (losses, normalisations, Sinkhorn)."""
-    with torch.autocast(device_type, enabled=False):
-        yield
+from selfsup.optim import (OPTIMIZERS, Cosine, Schedule, as_schedule, create_optimizer, lr_scheduler,
+                           global_batch_size, no_weight_decay_names, schedule_config, set_weight_decay,
+                           training_steps)
 
 
 class SSLMethod(L.LightningModule):
@@ -49,10 +42,9 @@ class SSLMethod(L.LightningModule):
         min_lr_ratio: the cosine floor as a fraction of the effective rate.
         lr_batch_denominator: 256 for most methods; SimMIM scales per 512.
         channels_last: use the channels-last memory format (faster convolutions on CPU and GPU).
-        micro_batch_size: run the encoder over each resolution's views in chunks of at most this many
-            images, drawn at random from all views (per-chunk "ghost" BatchNorm, shuffled so a chunk does
-            not reveal positives); bounds activation memory. ``None``: BatchNorm over all views, as the
-            SimCLR and SwAV papers. Only for methods that encode through :meth:`encode_views`.
+        micro_batch_size: encode each resolution's views in shuffled chunks of at most this many images
+            ("ghost" BatchNorm; bounds activation memory), see :meth:`Encoder.encode_views`. ``None``:
+            BatchNorm over all views, as the SimCLR and SwAV papers. Only for methods using :meth:`encode_views`.
         compile: ``torch.compile`` the encoder in place when fit sets up (state-dict keys unchanged):
             each block of a ViT (MAE and SimMIM call the blocks, not the encoder's forward), else its forward.
 
@@ -64,22 +56,23 @@ class SSLMethod(L.LightningModule):
     representation = "student"  # or "teacher": the encoder that eval, export, load_encoder and init_from read
 
     def __init__(self, encoder: Encoder, optimizer: str = "adamw", base_lr: float = 1e-3,
-                 weight_decay: float | Schedule = 0.05, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float | Schedule = 0.05, momentum: float = 0.9,
+                 betas: tuple[float, float] = (0.9, 0.999),
                  warmup_epochs: float = 10.0, min_lr_ratio: float = 0.0, lr_batch_denominator: int = 256,
                  channels_last: bool = False, micro_batch_size: int | None = None, compile: bool = False):
         super().__init__()
-        _check("optimizer", optimizer in OPTIMIZERS, optimizer, f"one of {OPTIMIZERS}")
-        _check("base_lr", base_lr > 0, base_lr, "positive")
+        check_arg("optimizer", optimizer in OPTIMIZERS, optimizer, f"one of {OPTIMIZERS}")
+        check_arg("base_lr", base_lr > 0, base_lr, "positive")
         wd = self.weight_decay = as_schedule(weight_decay, "model.weight_decay")
-        _check("weight_decay", min(wd.start, wd.warmup_start, wd.start if wd.end is None else wd.end) >= 0,
-               weight_decay, ">= 0")
-        _check("warmup_epochs", warmup_epochs >= 0, warmup_epochs, ">= 0")
-        _check("min_lr_ratio", 0 <= min_lr_ratio <= 1, min_lr_ratio, "in [0, 1]")
-        _check("lr_batch_denominator", lr_batch_denominator > 0, lr_batch_denominator, "positive")
-        _check("micro_batch_size", micro_batch_size is None or micro_batch_size > 0, micro_batch_size,
-               "positive or null")
-        _check("micro_batch_size", micro_batch_size is None or self.encodes_views, micro_batch_size,
-               f"null for {type(self).__name__}, whose encoder runs on tokens, not through encode_views")
+        check_arg("weight_decay", min(wd.start, wd.warmup_start, wd.start if wd.end is None else wd.end) >= 0,
+                  weight_decay, ">= 0")
+        check_arg("warmup_epochs", warmup_epochs >= 0, warmup_epochs, ">= 0")
+        check_arg("min_lr_ratio", 0 <= min_lr_ratio <= 1, min_lr_ratio, "in [0, 1]")
+        check_arg("lr_batch_denominator", lr_batch_denominator > 0, lr_batch_denominator, "positive")
+        check_arg("micro_batch_size", micro_batch_size is None or micro_batch_size > 0, micro_batch_size,
+                  "positive or null")
+        check_arg("micro_batch_size", micro_batch_size is None or self.encodes_views, micro_batch_size,
+                  f"null for {type(self).__name__}, whose encoder runs on tokens, not through encode_views")
         self.save_hyperparameters(ignore=["encoder"])
         if isinstance(weight_decay, Schedule):
             self.hparams["weight_decay"] = schedule_config(weight_decay)  # plain data in checkpoints
@@ -103,25 +96,9 @@ class SSLMethod(L.LightningModule):
 
     # -- shared helpers for subclasses -----------------------------------------------------------
     def encode_views(self, views: list[Tensor]) -> list[Tensor]:
-        """Pooled features of every view, running the encoder once per distinct resolution (in chunks of
-        ``micro_batch_size`` images when set)."""
-        out: list[Tensor | None] = [None] * len(views)
-        for shape in dict.fromkeys(v.shape for v in views):
-            idx = [i for i, v in enumerate(views) if v.shape == shape]
-            x = torch.cat([views[i] for i in idx])
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            features = self._encode_in_chunks(x) if self.micro_batch_size else self.encoder(x)
-            for i, h in zip(idx, features.chunk(len(idx))):
-                out[i] = h
-        return out  # type: ignore[return-value]
-
-    def _encode_in_chunks(self, x: Tensor) -> Tensor:
-        """The encoder over chunks of ``micro_batch_size`` images of a random permutation of ``x`` (MoCo's
-        shuffling BN: chunks in order would let BatchNorm statistics tell where a view's positives are)."""
-        order = torch.randperm(len(x), device=x.device)
-        features = torch.cat([self.encoder(chunk) for chunk in x[order].split(self.micro_batch_size)])
-        return features[torch.argsort(order)]
+        """Pooled features of every view (:meth:`Encoder.encode_views`: one encoder pass per resolution, in
+        shuffled chunks of ``micro_batch_size`` images when set)."""
+        return self.encoder.encode_views(views, self.micro_batch_size, self.channels_last)
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -155,16 +132,9 @@ class SSLMethod(L.LightningModule):
         """Features of labelled eval images; the probe callbacks consume them."""
         return {"features": self.encoder(batch.views[0]), "labels": batch.labels}
 
-    def global_batch_size(self) -> int:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        per_device = getattr(datamodule, "batch_size", None)
-        if per_device is None:
-            raise ValueError("cannot scale the learning rate: the data module has no batch_size")
-        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
-
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        global_batch = self.global_batch_size()
+        global_batch = global_batch_size(self.trainer)
         lr = hp.base_lr * global_batch / hp.lr_batch_denominator
         extra = {"betas": tuple(hp.betas)} if hp.optimizer in ("adamw", "lamb") else {"momentum": hp.momentum}
         # Lightning's mixed-precision plugin cannot clip a fused optimizer's gradients (it unscales inside step)
@@ -175,14 +145,13 @@ class SSLMethod(L.LightningModule):
         warmup = min(total, round(hp.warmup_epochs * per_epoch))
         rank_zero_info(f"[selfsup] effective lr {lr:.4g} = base_lr {hp.base_lr} x global batch {global_batch} "
                        f"/ {hp.lr_batch_denominator}; {warmup} warmup + {total - warmup} cosine steps")
-        self.effective_lr, self.schedule_steps = lr, (total, per_epoch)
+        self.effective_lr, self.global_batch, self.schedule_steps = lr, global_batch, (total, per_epoch)
         schedule = lr_scheduler(opt, Cosine(1.0, hp.min_lr_ratio, warmup_epochs=hp.warmup_epochs), total, per_epoch)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_train_start(self) -> None:
         if self.logger is not None:
-            self.logger.log_hyperparams({"effective_lr": self.effective_lr,
-                                         "global_batch_size": self.global_batch_size()})
+            self.logger.log_hyperparams({"effective_lr": self.effective_lr, "global_batch_size": self.global_batch})
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         # a CPU tensor: Lightning would copy a Python float to the device every step
@@ -193,8 +162,7 @@ class SSLMethod(L.LightningModule):
         """The step (Lightning calls this once per real step, not per accumulation micro-step), then the EMA
         teachers' update (:mod:`selfsup.models.teacher`) unless the non-finite guard skipped the step."""
         step = self.trainer.global_step  # before the step: Lightning counts it inside optimizer.step
-        wd = None if isinstance(self.weight_decay, Constant) and not self.weight_decay.warmup_epochs else \
-            self.scheduled(self.weight_decay)
+        wd = self.scheduled(self.weight_decay) if self.weight_decay.varies else None
         if wd is not None:
             set_weight_decay(optimizer, wd)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -224,15 +192,9 @@ class SSLMethod(L.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
                              strict: bool | None = None, weights_only: bool | None = True,
                              **kwargs: Any) -> SSLMethod:
-        """Lightning's ``load_from_checkpoint`` with the encoder rebuilt from the checkpoint's own config
-        (``checkpoint["selfsup"]["encoder"]``) unless ``encoder=`` is given: the encoder is a module, so it
-        is not among the saved hyper-parameters. Reads with ``weights_only=True`` by default."""
+        """Lightning's ``load_from_checkpoint``, reading with ``weights_only=True``, with the encoder (a module,
+        so not a saved hyper-parameter) rebuilt from ``checkpoint["selfsup"]["encoder"]`` unless given."""
         if "encoder" not in kwargs:
             kwargs["encoder"] = Encoder(**encoder_config(checkpoint_path))
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                             strict=strict, weights_only=weights_only, **kwargs)
-
-
-def _check(key: str, ok: bool, value: Any, requirement: str) -> None:
-    if not ok:
-        raise ValueError(f"model.{key}={value!r} is invalid: it must be {requirement}")

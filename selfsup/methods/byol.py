@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.data.datamodule import Batch
-from selfsup.methods.base import SSLMethod, full_precision
+from selfsup.methods.base import SSLMethod
+from selfsup.methods.common import full_precision
 from selfsup.models.encoder import Encoder
 from selfsup.models.heads import MLP
 from selfsup.models.teacher import EMATeacher

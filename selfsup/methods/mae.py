@@ -14,7 +14,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from selfsup.data.datamodule import Batch
-from selfsup.methods.base import SSLMethod, full_precision
+from selfsup.methods.base import SSLMethod
+from selfsup.methods.common import full_precision
 from selfsup.models.decoders import MAEDecoder
 from selfsup.models.encoder import Encoder
 from selfsup.models.masking import (TokenMask, check_mask_ratio, normalized_patch_targets, patch_statistics,

@@ -33,7 +33,8 @@ from torch import Tensor
 
 from selfsup.data.datamodule import Batch
 from selfsup.distributed import gather, rank
-from selfsup.methods.base import SSLMethod, _check, full_precision
+from selfsup.methods.base import SSLMethod
+from selfsup.methods.common import check_arg, full_precision
 from selfsup.models.encoder import Encoder
 from selfsup.models.heads import MLP
 from selfsup.models.teacher import EMATeacher
@@ -84,10 +85,10 @@ class MoCoV3(SSLMethod):
                  temperature: float = 0.2, teacher_momentum: Schedule | float = Cosine(0.99, 1.0),
                  random_patch_projection: bool = False, **base):
         super().__init__(encoder, **base)
-        _check("temperature", temperature > 0, temperature, "positive")
-        _check("proj_layers", proj_layers is None or proj_layers >= 1, proj_layers, ">= 1 or null")
-        _check("random_patch_projection", not random_patch_projection or encoder.is_vit, random_patch_projection,
-               f"false for {encoder.config['name']!r}: it freezes a ViT's patch embedding")
+        check_arg("temperature", temperature > 0, temperature, "positive")
+        check_arg("proj_layers", proj_layers is None or proj_layers >= 1, proj_layers, ">= 1 or null")
+        check_arg("random_patch_projection", not random_patch_projection or encoder.is_vit, random_patch_projection,
+                  f"false for {encoder.config['name']!r}: it freezes a ViT's patch embedding")
         if random_patch_projection:
             encoder.model.patch_embed.requires_grad_(False)
         proj_layers = (3 if encoder.is_vit else 2) if proj_layers is None else proj_layers

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from selfsup.data.datamodule import Batch
 from selfsup.distributed import gather_with_grad, rank
-from selfsup.methods.base import SSLMethod, full_precision
+from selfsup.methods.base import SSLMethod
+from selfsup.methods.common import full_precision
 from selfsup.models.encoder import Encoder
 from selfsup.models.heads import MLP
 

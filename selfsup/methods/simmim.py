@@ -16,7 +16,8 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from selfsup.data.datamodule import Batch
-from selfsup.methods.base import SSLMethod, full_precision
+from selfsup.methods.base import SSLMethod
+from selfsup.methods.common import full_precision
 from selfsup.models.decoders import PixelShuffleHead
 from selfsup.models.encoder import Encoder
 from selfsup.models.masking import block_mask, check_mask_ratio
@@ -94,10 +95,7 @@ class SimMIM(SSLMethod):
 
     def predict(self, images: Tensor, patch_mask: Tensor) -> Tensor:
         """Pixels ``(B, C, H, W)`` predicted from the image with masked patch embeddings replaced."""
-        patches = self.encoder.embed_patches(images)
-        weight = rearrange(patch_mask, "b h w -> b (h w) 1").to(patches.dtype)
-        patches = patches * (1 - weight) + self.mask_token.to(patches.dtype) * weight
-        tokens = self.encoder.encode_patches(patches)[:, self.encoder.num_prefix_tokens:]
+        tokens = self.encoder.encode_masked(images, patch_mask, self.mask_token)[:, self.encoder.num_prefix_tokens:]
         side = self.image_size // self.encoder.stride
         return self.head(rearrange(tokens, "b (h w) d -> b d h w", h=side, w=side))
 

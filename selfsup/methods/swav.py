@@ -29,7 +29,8 @@ from torch import Tensor
 
 from selfsup.data.datamodule import Batch
 from selfsup.distributed import all_reduce_sum, gather, rank, world_size
-from selfsup.methods.base import SSLMethod, _check, full_precision
+from selfsup.methods.base import SSLMethod
+from selfsup.methods.common import check_arg, full_precision
 from selfsup.models.encoder import Encoder
 from selfsup.models.heads import MLP
 from selfsup.models.prototypes import Prototypes
@@ -127,16 +128,16 @@ class SwAV(SSLMethod):
                  **base):
         super().__init__(encoder, **base)
         crops_for_assign = tuple(int(c) for c in crops_for_assign)
-        _check("temperature", temperature > 0, temperature, "positive")
-        _check("epsilon", epsilon > 0, epsilon, "positive (the paper uses 0.05)")
-        _check("sinkhorn_iterations", sinkhorn_iterations >= 1, sinkhorn_iterations, ">= 1")
-        _check("num_prototypes", num_prototypes >= 2, num_prototypes, ">= 2")
-        _check("crops_for_assign", len(crops_for_assign) > 0 and min(crops_for_assign) >= 0
+        check_arg("temperature", temperature > 0, temperature, "positive")
+        check_arg("epsilon", epsilon > 0, epsilon, "positive (the paper uses 0.05)")
+        check_arg("sinkhorn_iterations", sinkhorn_iterations >= 1, sinkhorn_iterations, ">= 1")
+        check_arg("num_prototypes", num_prototypes >= 2, num_prototypes, ">= 2")
+        check_arg("crops_for_assign", len(crops_for_assign) > 0 and min(crops_for_assign) >= 0
                  and len(set(crops_for_assign)) == len(crops_for_assign), crops_for_assign,
                  "distinct non-negative view indices, e.g. [0, 1] for the two global crops")
-        _check("freeze_prototypes_steps", freeze_prototypes_steps >= 0, freeze_prototypes_steps, ">= 0")
-        _check("queue_length", queue_length >= 0, queue_length, ">= 0 (0 turns the queue off)")
-        _check("queue_start_epoch", queue_start_epoch >= 0, queue_start_epoch, ">= 0")
+        check_arg("freeze_prototypes_steps", freeze_prototypes_steps >= 0, freeze_prototypes_steps, ">= 0")
+        check_arg("queue_length", queue_length >= 0, queue_length, ">= 0 (0 turns the queue off)")
+        check_arg("queue_start_epoch", queue_start_epoch >= 0, queue_start_epoch, ">= 0")
         self.projector = MLP(encoder.embed_dim, proj_hidden_dim, proj_dim, num_layers=2)
         self.prototypes = Prototypes(proj_dim, num_prototypes)
         self.temperature, self.epsilon, self.sinkhorn_iterations = temperature, epsilon, sinkhorn_iterations

@@ -139,6 +139,27 @@ class Encoder(nn.Module):
         """Pooled pre-projector features ``(B, embed_dim)``: what probes read."""
         return self.model(self.match_channels(x))
 
+    def encode_views(self, views: list[Tensor], micro_batch_size: int | None = None,
+                     channels_last: bool = False) -> list[Tensor]:
+        """Pooled features of every view, one pass per distinct resolution. With ``micro_batch_size``, the
+        pass runs over chunks of at most that many images of a random permutation of the views (MoCo's
+        shuffling BN: chunks in order would let BatchNorm statistics tell where a view's positives are)."""
+        out: list[Tensor | None] = [None] * len(views)
+        for shape in dict.fromkeys(v.shape for v in views):
+            idx = [i for i, v in enumerate(views) if v.shape == shape]
+            x = torch.cat([views[i] for i in idx])
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if micro_batch_size:
+                order = torch.randperm(len(x), device=x.device)
+                features = torch.cat([self(chunk) for chunk in x[order].split(micro_batch_size)])
+                features = features[torch.argsort(order)]
+            else:
+                features = self(x)
+            for i, h in zip(idx, features.chunk(len(idx))):
+                out[i] = h
+        return out  # type: ignore[return-value]
+
     def forward_tokens(self, x: Tensor) -> Tensor:
         """Token features ``(B, N, embed_dim)`` for ViT-like models (prefix tokens included)."""
         if not self.is_vit:
@@ -167,6 +188,14 @@ class Encoder(nn.Module):
             raise TypeError(f"embed_patches needs a ViT-like model, not {self.config['name']!r}")
         patches = self.model.patch_embed(self.match_channels(x))
         return patches.flatten(1, -2)  # NLC (ViT) or NHWC (Swin) -> NLC
+
+    def encode_masked(self, x: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
+        """Every token ``(B, prefix + N, D)`` after the final norm, the patch embeddings where ``mask``
+        ``(B, h, w)`` is 1 replaced by ``mask_token`` ``(1, 1, D)`` before positions are added (SimMIM,
+        iBOT, DINOv2). The mask token belongs to the method, so the encoder exported stays timm's."""
+        patches = self.embed_patches(x)
+        weight = mask.flatten(1)[..., None].to(patches.dtype)
+        return self.encode_patches(patches * (1 - weight) + mask_token.to(patches.dtype) * weight)
 
     def encode_patches(self, patches: Tensor, keep: Tensor | None = None) -> Tensor:
         """Run the rest of the backbone from patch embeddings ``(B, N, D)``.

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.data.datamodule import Batch
-from selfsup.methods.base import SSLMethod, _check, full_precision
+from selfsup.methods.base import SSLMethod
+from selfsup.methods.common import check_arg, full_precision
 from selfsup.models.encoder import Encoder
 from selfsup.models.heads import DINOHead
 from selfsup.models.teacher import Center, EMATeacher
@@ -73,12 +74,12 @@ class DINO(SSLMethod):
                  center_momentum: float = 0.9, teacher_momentum: Schedule | float = Cosine(0.996, 1.0),
                  freeze_last_layer_epochs: float = 1.0, **base):
         super().__init__(encoder, **base)
-        _check("global_crops", global_crops >= 1, global_crops, ">= 1 (the paper uses 2)")
-        _check("student_temp", student_temp > 0, student_temp, "positive")
-        _check("freeze_last_layer_epochs", freeze_last_layer_epochs >= 0, freeze_last_layer_epochs, ">= 0")
+        check_arg("global_crops", global_crops >= 1, global_crops, ">= 1 (the paper uses 2)")
+        check_arg("student_temp", student_temp > 0, student_temp, "positive")
+        check_arg("freeze_last_layer_epochs", freeze_last_layer_epochs >= 0, freeze_last_layer_epochs, ">= 0")
         tt = self.teacher_temp = as_schedule(teacher_temp, "model.teacher_temp")
-        _check("teacher_temp", tt.start > 0 and (tt.end is None or tt.end > 0) and tt.warmup_start >= 0,
-               teacher_temp, "positive")
+        check_arg("teacher_temp", tt.start > 0 and (tt.end is None or tt.end > 0) and tt.warmup_start >= 0,
+                  teacher_temp, "positive")
         self.head = DINOHead(encoder.embed_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, head_batch_norm,
                              norm_last_layer)
         self.teacher = EMATeacher([self.encoder, self.head], teacher_momentum)
@@ -114,9 +115,10 @@ class DINO(SSLMethod):
                 p.grad = None
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The step and the teacher's update (base class), then the centre's: skipped steps leave it as it was."""
+        """The step and the teacher's update (base class), then the centres': skipped steps leave them as they were."""
         super().optimizer_step(*args, **kwargs)
-        if self.step_skipped:
-            self.center.discard()
-        else:
-            self.center.update()
+        for center in (m for m in self.children() if isinstance(m, Center)):
+            if self.step_skipped:
+                center.discard()
+            else:
+                center.update()

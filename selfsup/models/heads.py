@@ -117,5 +117,9 @@ class DINOHead(nn.Module):
                     nn.init.zeros_(m.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, train_norm=not norm_last_layer)
 
+    def project(self, x: Tensor) -> Tensor:
+        """The L2-normalised bottleneck, before the prototypes (iBOT puts its patch prototypes on it)."""
+        return F.normalize(self.mlp(x), dim=-1)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+        return self.last_layer(self.project(x))

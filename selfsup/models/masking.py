@@ -1,5 +1,5 @@
 """Masked image modeling pieces shared by MAE and SimMIM: patchify/unpatchify, random token masks,
-the SimMIM block mask, and fixed 2-D sin-cos position embeddings.
+the SimMIM block mask, the iBOT/BEiT blockwise mask, and fixed 2-D sin-cos position embeddings.
 
 Every reshape of pixels into patches goes through :func:`patchify` / :func:`unpatchify` so the
 patch layout (row-major grid, pixels ``(p q c)`` inside a patch) is defined once.
@@ -89,6 +89,51 @@ def block_mask(batch_size: int, grid_size: int, mask_ratio: float, scale: int, d
     coarse = (order.argsort(dim=1) < num_masked).float()  # rank of each cell below the count -> masked
     coarse = rearrange(coarse, "b (h w) -> b h w", h=grid_size)
     return repeat(coarse, "b h w -> b (h s) (w t)", s=scale, t=scale)
+
+
+def blockwise_mask(batch_size: int, grid: tuple[int, int], ratio: tuple[float, float] = (0.1, 0.5),
+                   probability: float = 1.0, min_block: int = 4, aspect: tuple[float, float] = (0.3, 1 / 0.3),
+                   attempts: int | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """BEiT's blockwise masking, as iBOT and DINOv2 mask global crops, batched on the device (no host sync).
+
+    Each image (with probability ``probability``, else none) gets a target of ``round(r * H * W)`` masked
+    patches, ``r`` uniform in ``ratio``. Rectangles are then drawn in turn, each of area between ``min_block``
+    and what the target has left, with an aspect ratio log-uniform in ``aspect``, at a uniform position; one
+    is kept when it masks at least one new patch and no more than are left. ``attempts`` draws in all
+    (default ``2 * H * W / min_block``), so a target is met or nearly met, never exceeded.
+
+    Returns ``(B, H, W)``, 1 at masked patches. The random numbers come from ``torch.rand`` with the batch as
+    the first dimension.
+    """
+    if not 0 <= ratio[0] <= ratio[1] < 1:
+        raise ValueError(f"model.mask_ratio={list(ratio)} must be a range [low, high] with 0 <= low <= high < 1")
+    if not 0 <= probability <= 1:
+        raise ValueError(f"model.mask_probability={probability} must be in [0, 1]")
+    h, w = grid
+    attempts = attempts or max(1, 2 * h * w // min_block)
+    u = torch.rand(batch_size, 2, device=device)
+    masked_images = u[:, 0] < probability
+    target = torch.round((ratio[0] + (ratio[1] - ratio[0]) * u[:, 1]) * h * w) * masked_images
+    mask = torch.zeros(batch_size, h, w, dtype=torch.bool, device=device)
+    count = torch.zeros(batch_size, device=device)
+    rows = torch.arange(h, device=device).view(1, h, 1)
+    cols = torch.arange(w, device=device).view(1, 1, w)
+    log_aspect = torch.tensor(aspect, device=device).log()
+    for draw in torch.rand(batch_size, attempts, 4, device=device).unbind(1):
+        left = target - count
+        area = (min_block + draw[:, 0] * (left - min_block)).clamp_min(1)
+        r = (log_aspect[0] + draw[:, 1] * (log_aspect[1] - log_aspect[0])).exp()
+        bh = (area * r).sqrt().round().clamp(1, h)
+        bw = (area / r).sqrt().round().clamp(1, w)
+        top = (draw[:, 2] * (h - bh + 1)).floor().view(-1, 1, 1)
+        start = (draw[:, 3] * (w - bw + 1)).floor().view(-1, 1, 1)
+        block = ((rows >= top) & (rows < top + bh.view(-1, 1, 1)) &
+                 (cols >= start) & (cols < start + bw.view(-1, 1, 1)))
+        new = (block & ~mask).flatten(1).sum(1)
+        accept = (new > 0) & (new <= left)
+        mask |= block & accept.view(-1, 1, 1)
+        count = count + new * accept
+    return mask.float()
 
 
 def sincos_position_embedding(dim: int, grid_size: int, num_prefix_tokens: int = 0) -> Tensor:

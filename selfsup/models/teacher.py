@@ -59,7 +59,7 @@ class EMATeacher(nn.Module):
                 raise RuntimeError(f"the copy of {type(student).__name__} does not mirror its parameters")
 
     @contextlib.contextmanager
-    def _deterministic(self) -> Iterator[None]:
+    def deterministic(self) -> Iterator[None]:
         """Every layer but the normalisations in eval mode for the block (dropout, drop-path off), then back."""
         layers = [m for m in self.copies.modules() if m.training and not isinstance(m, NORM_LAYERS)]
         for m in layers:
@@ -79,7 +79,7 @@ class EMATeacher(nn.Module):
         """The copies in sequence on ``x``; a list of views runs once per distinct shape, as
         :meth:`SSLMethod.encode_views` runs the student."""
         if isinstance(x, Tensor):
-            with self._deterministic():
+            with self.deterministic():
                 for module in self.copies:
                     x = module(x)
             return x

@@ -48,3 +48,16 @@ def run_distributed(fn, world_size: int = 2, *args, timeout: float = 240.0) -> l
                 raise TimeoutError(f"{getattr(fn, '__name__', fn)} on {world_size} processes did not finish "
                                    f"within {timeout:.0f} s: a hang")
         return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def sharded_rand(rank: int, world_size: int):
+    """``torch.rand`` that draws the whole global batch's numbers and keeps this rank's rows, so a
+    method's random masks on 2 ranks are those of 1 process on the whole batch (install it as ``torch.rand``
+    inside a rank function)."""
+    real = torch.rand
+
+    def rand(*size, **kwargs):
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        return real(shape[0] * world_size, *shape[1:], **kwargs)[rank * shape[0]:(rank + 1) * shape[0]]
+
+    return rand

@@ -17,6 +17,7 @@ import torch
 from selfsup.data.datamodule import Batch, collate_views, finish_batch
 from selfsup.data.transforms import ContrastiveViews, Preprocessing, Views, ViewTransform
 from selfsup.models.encoder import Encoder
+from selfsup.models.teacher import Center
 
 IMAGE_SIZE = 16
 # CNN methods train at 32 px in fits: at 16 px a ResNet's last stage sees 1x1 maps, where torch 2.14's
@@ -90,6 +91,17 @@ def _dino(module, base: dict) -> tuple:
                                   blur_p=[1.0, 0.1, 0.5], solarize_p=[0.0, 0.2, 0.0])
 
 
+def _ibot(module, base: dict) -> tuple:
+    from selfsup.data.transforms import Crops, MultiCropViews
+
+    base = {"teacher_momentum": 0.5, "freeze_last_layer_epochs": 0.0, **base}  # as _dino: visible moves
+    encoder = Encoder("vit_tiny_patch16_224", image_size=IMAGE_SIZE, patch_size=4, dynamic_img_size=True,
+                      model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    method = module.IBOT(encoder, out_dim=64, hidden_dim=32, bottleneck_dim=16, patch_out_dim=48, **base)
+    return method, MultiCropViews(global_crops=Crops(2, IMAGE_SIZE, (0.4, 1.0)), local_crops=Crops(2, 8, (0.05, 0.4)),
+                                  blur_p=[1.0, 0.1, 0.5], solarize_p=[0.0, 0.2, 0.0])
+
+
 FACTORIES: dict[str, tuple[str, Callable]] = {
     "simclr": ("selfsup.methods.simclr", _simclr),
     "mae": ("selfsup.methods.mae", _mae),
@@ -100,6 +112,7 @@ FACTORIES: dict[str, tuple[str, Callable]] = {
     "barlowtwins": ("selfsup.methods.barlowtwins", _barlowtwins),
     "dino": ("selfsup.methods.dino", _dino),
     "mocov3": ("selfsup.methods.mocov3", _mocov3),
+    "ibot": ("selfsup.methods.ibot", _ibot),
 }
 METHODS = list(FACTORIES)
 
@@ -256,7 +269,7 @@ FAST_TEACHER = 0.5  # an EMA momentum under which a teacher visibly moves in 3 s
 
 def sgd_with_teacher(method, batch: Batch, world_size: int, steps: int = 3) -> dict[str, torch.Tensor]:
     """SGD steps (momentum 0.9) on ``batch``, gradients averaged over ranks as DDP does, the EMA teacher (and
-    DINO's centre, where there is one) updated after every step; the final state dict."""
+    DINO's and iBOT's centres, where there are some) updated after every step; the final state dict."""
     optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     for step in range(steps):
         optimizer.zero_grad()
@@ -268,18 +281,20 @@ def sgd_with_teacher(method, batch: Batch, world_size: int, steps: int = 3) -> d
                     p.grad /= world_size
         optimizer.step()
         method.teacher.update(step, steps, steps)
-        if hasattr(method, "center"):
-            method.center.update()
+        for center in (m for m in method.children() if isinstance(m, Center)):
+            center.update()
     return {k: v.detach().clone() for k, v in method.state_dict().items()}
 
 
 def _teacher_rank(rank: int, world_size: int, name: str, per_rank: int, steps: int) -> dict:
     from selfsup.models.sync_batchnorm import convert_sync_batchnorm
+    from tests.helpers.dist import sharded_rand
 
     method, views = build(name, teacher_momentum=FAST_TEACHER)
     batch = synthetic_batch(views, world_size * per_rank)
     part = slice(rank * per_rank, (rank + 1) * per_rank)
     local = Batch(views=[v[part] for v in batch.views], labels=batch.labels[part], index=batch.index[part])
+    torch.rand = sharded_rand(rank, world_size)  # iBOT's masks: this rank's rows of the 1-process draw
     return sgd_with_teacher(convert_sync_batchnorm(method), local, world_size, steps)
 
 
@@ -298,4 +313,5 @@ def assert_teacher_ranks_match(name: str, world: int = 2, per_rank: int = 4, ste
             assert torch.allclose(r[key].float(), value.float(), atol=1e-5), f"{key} differs on a rank"
     moved = [k for k, v in expected.items() if v.is_floating_point() and not torch.equal(v, initial[k])]
     assert any(k.startswith("teacher.") and k.endswith("weight") for k in moved), "sanity: the teacher moved"
-    assert not hasattr(method, "center") or "center.center" in moved, "sanity: the centre moved"
+    centers = [f"{n}.center" for n, m in method.named_children() if isinstance(m, Center)]
+    assert all(c in moved for c in centers), "sanity: the centres moved"

@@ -100,7 +100,8 @@ def blockwise_mask(batch_size: int, grid: tuple[int, int], ratio: tuple[float, f
     patches, ``r`` uniform in ``ratio``. Rectangles are then drawn in turn, each of area between ``min_block``
     and what the target has left, with an aspect ratio log-uniform in ``aspect``, at a uniform position; one
     is kept when it masks at least one new patch and no more than are left. ``attempts`` draws in all
-    (default ``2 * H * W / min_block``), so a target is met or nearly met, never exceeded.
+    (default ``max(16, H * W / 8)``: a target is met within a few dozen draws), so a target is met or nearly
+    met, never exceeded. Each draw is a few small kernels over the batch.
 
     Returns ``(B, H, W)``, 1 at masked patches. The random numbers come from ``torch.rand`` with the batch as
     the first dimension.
@@ -110,7 +111,7 @@ def blockwise_mask(batch_size: int, grid: tuple[int, int], ratio: tuple[float, f
     if not 0 <= probability <= 1:
         raise ValueError(f"model.mask_probability={probability} must be in [0, 1]")
     h, w = grid
-    attempts = attempts or max(1, 2 * h * w // min_block)
+    attempts = attempts or max(16, h * w // 8)
     u = torch.rand(batch_size, 2, device=device)
     masked_images = u[:, 0] < probability
     target = torch.round((ratio[0] + (ratio[1] - ratio[0]) * u[:, 1]) * h * w) * masked_images

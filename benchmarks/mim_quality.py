@@ -78,12 +78,14 @@ SETTINGS = {
 
 
 POOL: dict[str, str] = {}  # --pool overrides, per method
+LAYER_SCALE: dict[str, float] = {}  # --layer-scale: timm's ``init_values`` for every block, per method
 
 
 def encoder(method: str, variant: Variant) -> Encoder:
     return Encoder("vit_tiny_patch16_224", image_size=32, patch_size=4, in_chans=1,
                    pool=POOL.get(method) or SETTINGS[method]["pool"],
-                   model_kwargs={"depth": 6}, pos_embed="sincos" if variant.pos else "learned",
+                   model_kwargs={"depth": 6, **({"init_values": LAYER_SCALE[method]} if method in LAYER_SCALE else {})},
+                   pos_embed="sincos" if variant.pos else "learned",
                    weight_init="mae" if variant.init else "timm")
 
 
@@ -175,6 +177,8 @@ def parse() -> argparse.Namespace:
     add("--warmup-steps", type=int, default=20)
     add("--base-lr", type=float, default=None, help="per 256 images; default 5e-4 for both, as the demo recipes")
     add("--pool", default=None, help="override the probed feature for every method: token or avg")
+    add("--layer-scale", type=float, default=None,
+        help="LayerScale init value for every block (timm's init_values; SimMIM's ViT-B uses 0.1)")
     add("--workers", type=int, default=2)
     add("--threads", type=int, default=2)
     add("--seed", type=int, default=0)
@@ -187,6 +191,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.pool:
         POOL.update(dict.fromkeys(args.methods.split(","), args.pool))
+    if args.layer_scale is not None:
+        LAYER_SCALE.update(dict.fromkeys(args.methods.split(","), args.layer_scale))
     rows = [row for method in args.methods.split(",") for variant in args.variants.split(",")
             for row in run(method, variant, args)]
     print("\n| method | variant | encoder | kNN top-1 | linear top-1 |\n|---|---|---|---:|---:|")

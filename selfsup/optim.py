@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import timm.models
 import timm.optim
 import torch
 from torch import nn
@@ -51,17 +52,48 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names & parameters
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay: set[str] | None = None) -> list[dict[str, Any]]:
-    """Two parameter groups, with and without weight decay, by name. ``no_decay`` is what
-    :func:`no_weight_decay_names` gave before wrapping (computed now when not given)."""
+def param_groups(model: nn.Module, weight_decay: float, no_decay: set[str] | None = None,
+                 lr_scales: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Parameter groups with and without weight decay, by name, split further by learning-rate scale.
+    ``no_decay`` is what :func:`no_weight_decay_names` gave before wrapping (computed now when not given);
+    ``lr_scales`` maps (clean) names to a factor on the learning rate (layer-wise decay; 1 when absent),
+    kept as each group's ``lr_scale``."""
     no_decay = no_weight_decay_names(model) if no_decay is None else no_decay
-    decay, plain = [], []
+    lr_scales = lr_scales or {}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (plain if clean_name(name) in no_decay else decay).append(p)
-    # ``decayed`` marks the group a weight-decay schedule acts on (:func:`set_weight_decay`)
-    return [group for group in ({"params": decay, "weight_decay": weight_decay, "decayed": True},
-                                {"params": plain, "weight_decay": 0.0, "decayed": False}) if group["params"]]
+            name = clean_name(name)
+            groups.setdefault((name not in no_decay, lr_scales.get(name, 1.0)), []).append(p)
+    # ``decayed`` marks the groups a weight-decay schedule acts on (:func:`set_weight_decay`)
+    order = sorted(groups, key=lambda key: (not key[0], -key[1]))  # decayed first, then by falling scale
+    return [{"params": groups[key], "weight_decay": weight_decay if key[0] else 0.0, "decayed": key[0],
+             "lr_scale": key[1]} for key in order]
+
+
+def layer_decay_scales(model: nn.Module, decay: float, prefix: str = "",
+                       extra: dict[str, float] | None = None) -> dict[str, float]:
+    """Layer-wise learning-rate decay for a timm model (BEiT, DINOv2): ``decay ** (L + 1 - layer)`` per
+    parameter, where timm's ``group_matcher`` numbers the layers (0 for the embeddings and tokens, ``i + 1``
+    for block ``i``, the final norm with the last of the ``L`` blocks). So the embeddings learn at
+    ``decay ** (L + 1)`` and the last block at ``decay``, as DINOv2's ``get_vit_lr_decay_rate``; parameters
+    outside ``model`` (heads) keep the full rate. ``extra`` multiplies names starting with a key (DINOv2's
+    ``patch_embed_lr_mult: 0.2`` is ``{"patch_embed": 0.2}``). Names get ``prefix`` (the model's path in
+    the module that is optimised, such as ``"encoder.model."``)."""
+    if not 0 < decay <= 1:
+        raise ValueError(f"layer_decay={decay} must be in (0, 1]")
+    if not callable(getattr(model, "group_matcher", None)):
+        raise ValueError(f"layer decay needs a timm model with group_matcher(), not {type(model).__name__}")
+    layers = timm.models.group_parameters(model, model.group_matcher(coarse=False))
+    last = max(layers)
+    scales = {}
+    for layer, names in layers.items():
+        for name in names:
+            scale = decay ** (last + 1 - layer)
+            for start, factor in (extra or {}).items():
+                scale *= factor if name.startswith(start) else 1.0
+            scales[prefix + name] = scale
+    return scales
 
 
 def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
@@ -73,15 +105,17 @@ def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
 
 
 def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, no_decay: set[str] | None = None,
-                     fused: bool = True, **options: Any) -> torch.optim.Optimizer:
+                     fused: bool = True, lr_scales: dict[str, float] | None = None,
+                     **options: Any) -> torch.optim.Optimizer:
     """timm's optimizer ``name`` (``sgd`` is momentum SGD without Nesterov) over :func:`param_groups`, with
-    torch's fused kernel for AdamW and SGD when every parameter allows it (and ``fused``)."""
+    torch's fused kernel for AdamW and SGD when every parameter allows it (and ``fused``). Each group's
+    ``lr_scale`` multiplies its learning rate through :func:`lr_scheduler`."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer={name!r} is not one of {OPTIMIZERS}")
     if fused and name in FUSED_OPTIMIZERS and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
                                         and type(p) in (torch.Tensor, nn.Parameter) for p in model.parameters()):
         options["fused"] = True
-    groups = param_groups(model, weight_decay, no_decay)
+    groups = param_groups(model, weight_decay, no_decay, lr_scales)
     return timm.optim.create_optimizer_v2(groups, opt="momentum" if name == "sgd" else name, lr=lr,
                                           weight_decay=weight_decay, filter_bias_and_bn=False, **options)
 

@@ -160,3 +160,30 @@ def test_weight_decay_takes_a_schedule_and_keeps_plain_data_in_hparams():
     assert SimCLR(Encoder("test_resnet"), proj_hidden_dim=8, proj_dim=4, weight_decay=0.1).hparams["weight_decay"] == 0.1
     with pytest.raises(ValueError, match="model.weight_decay"):
         SimCLR(Encoder("test_resnet"), weight_decay=Cosine(0.04, -0.1))
+
+
+def test_layer_decay_scales_follow_dinov2s_rule_and_reach_the_optimizer():
+    """decay ** (L + 1 - layer): embeddings ``decay ** (L + 1)``, block i ``decay ** (L - i)``; the final norm
+    shares the last block's rate (timm's grouping); the patch embedding also gets its extra factor."""
+    import re
+
+    from selfsup.optim import layer_decay_scales, lr_scheduler
+
+    encoder = Encoder("vit_tiny_patch16_224", image_size=16, patch_size=4, in_chans=1, model_kwargs={"depth": 3})
+    scales = layer_decay_scales(encoder.model, 0.5, prefix="model.", extra={"patch_embed": 0.2})
+    for name, _ in encoder.named_parameters():
+        block = re.match(r"model\.blocks\.(\d+)\.", name)
+        if block:
+            expected = 0.5 ** (3 - int(block.group(1)))
+        elif name.startswith("model.norm."):
+            expected = 0.5
+        else:                                                  # cls token, positions, patch embedding
+            expected = 0.5 ** 4 * (0.2 if name.startswith("model.patch_embed") else 1.0)
+        assert scales[name] == pytest.approx(expected), name
+    opt = create_optimizer(encoder, "adamw", lr=1.0, weight_decay=0.05, lr_scales=scales)
+    lr_scheduler(opt, Constant(1.0), 10, 10)
+    for group in opt.param_groups:                             # every group's lr is its scale times the lr
+        names = {n for n, p in encoder.named_parameters() if any(p is q for q in group["params"])}
+        assert names and all(scales[n] == pytest.approx(group["lr"]) for n in names)
+    with pytest.raises(ValueError, match="layer_decay"):
+        layer_decay_scales(encoder.model, 1.5)

@@ -83,8 +83,8 @@ class SSLMethod(L.LightningModule):
         self.step_term_names: list[str] = []
         self.step_skipped = False  # set by NonFiniteGuard per optimizer step: then no EMA teacher update
         self._no_decay: set[str] | None = None
-        self.channels_last = channels_last
-        self.micro_batch_size = micro_batch_size
+        self.lr_scales: dict[str, float] = {}  # learning-rate factors by parameter name (layer-wise decay)
+        self.channels_last, self.micro_batch_size = channels_last, micro_batch_size
         if channels_last:
             self.encoder.to(memory_format=torch.channels_last)
 
@@ -141,7 +141,7 @@ class SSLMethod(L.LightningModule):
         fused = not (self.trainer.gradient_clip_val and "mixed" in str(self.trainer.precision))
         total, per_epoch = training_steps(self.trainer)
         wd = self.weight_decay.value(0, total, per_epoch)
-        opt = create_optimizer(self, hp.optimizer, lr, wd, self._no_decay, fused=fused, **extra)
+        opt = create_optimizer(self, hp.optimizer, lr, wd, self._no_decay, fused, self.lr_scales, **extra)
         warmup = min(total, round(hp.warmup_epochs * per_epoch))
         rank_zero_info(f"[selfsup] effective lr {lr:.4g} = base_lr {hp.base_lr} x global batch {global_batch} "
                        f"/ {hp.lr_batch_denominator}; {warmup} warmup + {total - warmup} cosine steps")

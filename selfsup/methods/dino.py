@@ -35,17 +35,23 @@ from selfsup.models.teacher import Center, EMATeacher
 from selfsup.optim import Constant, Cosine, Schedule, as_schedule, schedule_config
 
 
-def dino_loss(student: list[Tensor], teacher: list[Tensor], center: Tensor, student_temp: float,
-              teacher_temp: float) -> Tensor:
-    """Cross-entropy from each global crop's centred, sharpened teacher distribution to the student's
-    distribution of every other crop, averaged over the pairs, in float32. ``teacher`` holds the global
-    crops, which are also the first ``len(teacher)`` entries of ``student``."""
-    with full_precision(center.device.type):
-        targets = [F.softmax((t.float() - center) / teacher_temp, dim=-1) for t in teacher]
+def distillation_loss(student: list[Tensor], targets: list[Tensor], student_temp: float) -> Tensor:
+    """Cross-entropy from each global crop's target distribution to the student's distribution of every
+    other crop, averaged over the pairs, in float32. ``targets`` holds the global crops' teacher
+    probabilities; the global crops are also the first ``len(targets)`` entries of ``student``."""
+    with full_precision(student[0].device.type):
         log_predictions = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student]
         pairs = [-(q * log_p).sum(-1).mean() for g, q in enumerate(targets)
                  for v, log_p in enumerate(log_predictions) if v != g]
         return torch.stack(pairs).mean()
+
+
+def dino_loss(student: list[Tensor], teacher: list[Tensor], center: Tensor, student_temp: float,
+              teacher_temp: float) -> Tensor:
+    """:func:`distillation_loss` against the centred, sharpened teacher distributions of the global crops."""
+    with full_precision(center.device.type):
+        targets = [F.softmax((t.float() - center) / teacher_temp, dim=-1) for t in teacher]
+        return distillation_loss(student, targets, student_temp)
 
 
 class DINO(SSLMethod):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from selfsup.data.datamodule import Batch
 from selfsup.methods.common import check_arg, full_precision
-from selfsup.methods.dino import DINO, dino_loss
+from selfsup.methods.dino import DINO, distillation_loss
 from selfsup.models.encoder import Encoder
 from selfsup.models.heads import WeightNormLinear
 from selfsup.models.masking import blockwise_mask
@@ -38,17 +38,23 @@ from selfsup.models.teacher import Center, EMATeacher
 from selfsup.optim import Constant, Schedule, as_schedule, schedule_config
 
 
-def ibot_patch_loss(student: Tensor, teacher: Tensor, mask: Tensor, center: Tensor, student_temp: float,
-                    teacher_temp: float) -> Tensor:
-    """iBOT's masked patch distillation for one crop, in float32: per image, the mean over its masked patches
-    of the cross-entropy from the centred, sharpened teacher patch distribution to the student's; then the
-    mean over images (an image without masked patches counts 0). ``student``/``teacher`` ``(B, N, K)``,
-    ``mask`` ``(B, N)`` 1 where masked."""
-    with full_precision(center.device.type):
-        targets = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
-        ce = -(targets * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1)
+def masked_patch_loss(student: Tensor, targets: Tensor, mask: Tensor, student_temp: float) -> Tensor:
+    """Masked patch distillation for one crop, in float32: per image, the mean over its masked patches of
+    the cross-entropy from the teacher's patch distribution ``targets`` to the student's; then the mean over
+    images (an image without masked patches counts 0). ``student``/``targets`` ``(B, N, K)``, ``mask``
+    ``(B, N)`` 1 where masked."""
+    with full_precision(student.device.type):
+        ce = -(targets.float() * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1)
         mask = mask.float()
         return ((ce * mask).sum(-1) / mask.sum(-1).clamp_min(1)).mean()
+
+
+def ibot_patch_loss(student: Tensor, teacher: Tensor, mask: Tensor, center: Tensor, student_temp: float,
+                    teacher_temp: float) -> Tensor:
+    """iBOT's :func:`masked_patch_loss` against the centred, sharpened teacher patch distribution."""
+    with full_precision(center.device.type):
+        targets = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+        return masked_patch_loss(student, targets, mask, student_temp)
 
 
 class IBOT(DINO):
@@ -109,16 +115,29 @@ class IBOT(DINO):
         prefix = self.encoder.num_prefix_tokens
         return head(tokens[:, 0]), patch_layer(head.project(tokens[:, prefix:]))
 
-    def training_loss(self, batch: Batch) -> dict[str, Tensor]:
+    def teacher_targets(self, t_cls: Tensor, t_patch: Tensor, masks: Tensor, temperature: float,
+                        patch_temperature: float) -> tuple[Tensor, Tensor]:
+        """The teacher's class-token ``(G*B, K)`` and patch-token ``(G*B, N, K')`` distributions: centred and
+        sharpened (the centres take this step's outputs); DINOv2 overrides it with Sinkhorn-Knopp."""
+        with full_precision(t_cls.device.type):
+            cls = F.softmax((t_cls.float() - self.center.center) / temperature, dim=-1)
+            patch = F.softmax((t_patch.float() - self.patch_center.center) / patch_temperature, dim=-1)
+        self.center.accumulate(t_cls)
+        self.patch_center.accumulate(t_patch.flatten(0, 1))
+        return cls, patch
+
+    def distill(self, batch: Batch) -> tuple[dict[str, Tensor], Tensor]:
+        """The two losses and the logged terms, and the student's tokens of the masked global crops
+        ``(G*B, prefix + N, D)`` (DINOv2 adds its KoLeo term on their class tokens)."""
         views, g = batch.views, self.global_crops
         if len(views) < max(2, g):
-            raise ValueError(f"iBOT needs at least {max(2, g)} views ({g} global crops first), the batch has "
-                             f"{len(views)}; use data.views: MultiCropViews")
+            raise ValueError(f"{type(self).__name__} needs at least {max(2, g)} views ({g} global crops first), "
+                             f"the batch has {len(views)}; use data.views: MultiCropViews")
         self.encoder.check_view_sizes(views)
         grid = views[0].shape[-2] // self.encoder.patch_size, views[0].shape[-1] // self.encoder.patch_size
-        masks = [blockwise_mask(len(views[0]), grid, self.mask_ratio, self.mask_probability, device=views[0].device)
-                 for _ in range(g)]
-        tokens = self.encoder.encode_masked(torch.cat(views[:g]), torch.cat(masks), self.mask_token)
+        masks = torch.cat([blockwise_mask(len(views[0]), grid, self.mask_ratio, self.mask_probability,
+                                          device=views[0].device) for _ in range(g)]).flatten(1)
+        tokens = self.encoder.encode_masked(torch.cat(views[:g]), masks, self.mask_token)
         s_cls, s_patch = self.tokens_to_logits(tokens, self.head, self.patch_layer)
         s_cls = list(s_cls.chunk(g)) + [self.head(h) for h in self.encoder.encode_views(views[g:])]
         with torch.no_grad(), self.teacher.deterministic():
@@ -126,14 +145,16 @@ class IBOT(DINO):
             t_patch_layer = self.teacher.copies[2] if len(self.teacher.copies) > 2 else t_head.last_layer
             t_tokens = t_encoder.forward_tokens(torch.cat(views[:g]))
             t_cls, t_patch = self.tokens_to_logits(t_tokens, t_head, t_patch_layer)
-        temperature, patch_temperature = self.scheduled(self.teacher_temp), self.scheduled(self.teacher_patch_temp)
-        cls_loss = dino_loss(s_cls, list(t_cls.chunk(g)), self.center.center, self.student_temp, temperature)
-        patch_loss = torch.stack([
-            ibot_patch_loss(s, t, m.flatten(1), self.patch_center.center, self.student_temp, patch_temperature)
-            for s, t, m in zip(s_patch.chunk(g), t_patch.chunk(g), masks)]).mean()
-        self.center.accumulate(t_cls)
-        self.patch_center.accumulate(t_patch.flatten(0, 1))
+        temperature = self.scheduled(self.teacher_temp)
+        cls_targets, patch_targets = self.teacher_targets(t_cls, t_patch, masks, temperature,
+                                                          self.scheduled(self.teacher_patch_temp))
+        cls_loss = distillation_loss(s_cls, list(cls_targets.chunk(g)), self.student_temp)
+        patch_loss = torch.stack([masked_patch_loss(s, t, m, self.student_temp) for s, t, m in
+                                  zip(s_patch.chunk(g), patch_targets.chunk(g), masks.chunk(g))]).mean()
         loss = self.cls_weight * cls_loss + self.patch_weight * patch_loss
         return {"loss": loss, "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach(),
-                "masked_fraction": torch.cat(masks).mean(), "teacher_temp": loss.new_tensor(temperature),
-                "features": t_tokens[:len(views[0]), 0].detach()}
+                "masked_fraction": masks.float().mean(), "teacher_temp": loss.new_tensor(temperature),
+                "features": t_tokens[:len(views[0]), 0].detach()}, tokens
+
+    def training_loss(self, batch: Batch) -> dict[str, Tensor]:
+        return self.distill(batch)[0]

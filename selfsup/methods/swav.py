@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from selfsup.data.datamodule import Batch
-from selfsup.distributed import all_reduce_sum, gather, rank, world_size
+from selfsup.distributed import all_reduce_max, all_reduce_sum, gather, rank, world_size
 from selfsup.methods.base import SSLMethod
 from selfsup.methods.common import check_arg, full_precision
 from selfsup.models.encoder import Encoder
@@ -37,25 +37,35 @@ from selfsup.models.prototypes import Prototypes
 
 
 @torch.no_grad()
-def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05) -> Tensor:
+def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05, weights: Tensor | None = None,
+             max_score: float | None = 1.0) -> Tensor:
     """Sinkhorn-Knopp codes ``(N, K)`` for this rank's ``N`` rows of prototype scores, in float32.
 
     Alternately rescales ``exp(scores / epsilon)`` so that every prototype receives an equal share
     of the (global) batch and every sample distributes a total of one. Under DDP the row sums and
     totals are all-reduced, so each rank gets exactly its rows of the codes that one process would
     compute on the global batch. Each returned row sums to 1.
+
+    ``weights`` ``(N,)`` of 0 and 1 leaves rows out (their codes are 0), as if they were not there: DINOv2
+    balances only the masked patch tokens, and a boolean index would cost a host synchronisation.
+    ``max_score`` bounds the scores (1 for cosine similarities) so that ``exp`` cannot overflow; ``None``
+    uses the global maximum instead (one more all-reduce), for unnormalised logits.
     """
     with full_precision(scores.device.type):
-        # Scores are cosine similarities (<= 1): shifting by the same constant on every rank keeps
-        # exp() <= 1 without changing the normalised result.
-        q = torch.exp((scores.float() - 1.0) / epsilon).T                       # (K, N)
+        scores = scores.float()
+        top = all_reduce_max(scores.max().detach().clone()) if max_score is None else max_score
+        # the same shift on every rank keeps exp() <= 1 without changing the normalised result
+        q = torch.exp((scores - top) / epsilon).T                                # (K, N)
+        if weights is not None:
+            q = q * weights.to(q.dtype)
         num_prototypes = q.shape[0]
-        num_samples = all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
-        q /= all_reduce_sum(q.sum())
+        count = float(q.shape[1]) if weights is None else weights.float().sum()
+        num_samples = all_reduce_sum(torch.as_tensor(count, dtype=q.dtype, device=q.device).clone())
+        q /= all_reduce_sum(q.sum()).clamp_min(torch.finfo(q.dtype).tiny)
         for _ in range(iterations):
-            q /= all_reduce_sum(q.sum(dim=1, keepdim=True))                     # each prototype: 1/K
+            q /= all_reduce_sum(q.sum(dim=1, keepdim=True)).clamp_min(torch.finfo(q.dtype).tiny)  # prototype: 1/K
             q /= num_prototypes
-            q /= q.sum(dim=0, keepdim=True)                                     # each sample: 1/N
+            q /= q.sum(dim=0, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)  # each sample: 1/N
             q /= num_samples
         return (q * num_samples).T
 

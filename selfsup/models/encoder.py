@@ -191,7 +191,7 @@ class Encoder(nn.Module):
 
     def encode_masked(self, x: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
         """Every token ``(B, prefix + N, D)`` after the final norm, the patch embeddings where ``mask``
-        ``(B, h, w)`` is 1 replaced by ``mask_token`` ``(1, 1, D)`` before positions are added (SimMIM,
+        ``(B, h, w)`` (or ``(B, N)``) is 1 replaced by ``mask_token`` ``(1, 1, D)`` before positions are added (SimMIM,
         iBOT, DINOv2). The mask token belongs to the method, so the encoder exported stays timm's."""
         patches = self.embed_patches(x)
         weight = mask.flatten(1)[..., None].to(patches.dtype)

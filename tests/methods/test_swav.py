@@ -354,3 +354,23 @@ def test_short_run_beats_random_init_in_knn(tmp_path):
             random_init(torch.cat(data.prepare_batch(batch).views[:2]))
     random_fitted_norm = _knn_top1(random_init, data)
     assert trained > max(random, random_fitted_norm) + 0.15, (trained, random, random_fitted_norm)
+
+
+def test_sinkhorn_with_weights_balances_only_the_selected_rows():
+    """DINOv2 balances the masked patch tokens only: weights of 0 must act as if those rows were absent."""
+    rng = np.random.default_rng(3)
+    scores = rng.uniform(-1, 1, size=(12, 5))
+    keep = np.array([1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1], dtype=bool)
+    got = sinkhorn(torch.tensor(scores, dtype=torch.float32), 3, 0.05, weights=torch.tensor(keep))
+    np.testing.assert_allclose(got.numpy()[keep], reference_sinkhorn(scores[keep], 3, 0.05), rtol=2e-4, atol=1e-6)
+    assert np.all(got.numpy()[~keep] == 0)
+
+
+def test_sinkhorn_without_a_score_bound_handles_large_logits():
+    """``max_score=None`` shifts by the global maximum: logits far above 1 give finite codes, as float64 does."""
+    rng = np.random.default_rng(4)
+    scores = rng.normal(0, 0.3, size=(10, 6)) + 3.5         # about 2.5-4.5: exp(4 / 0.04) overflows float32
+    got = sinkhorn(torch.tensor(scores, dtype=torch.float32), 3, 0.04, max_score=None)
+    shifted = scores - scores.max()                           # the reference's own shift, in float64
+    assert torch.isfinite(got).all()
+    np.testing.assert_allclose(got.numpy(), reference_sinkhorn(shifted, 3, 0.04), rtol=2e-3, atol=1e-6)

@@ -82,8 +82,9 @@ class IBOT(DINO):
                  mask_probability: float = 0.5, **dino):
         if not encoder.is_vit or not hasattr(encoder.model, "blocks") or encoder.num_prefix_tokens < 1 or \
                 getattr(encoder.model, "global_pool", "token") != "token":
-            raise ValueError(f"iBOT needs a timm ViT with a class token and pool: token, not "
-                             f"{encoder.config['name']!r} (global_pool={getattr(encoder.model, 'global_pool', None)!r})")
+            pool = getattr(encoder.model, "global_pool", None)
+            raise ValueError(f"{type(self).__name__} needs a timm ViT with a class token and pool: token, not "
+                             f"{encoder.config['name']!r} (global_pool={pool!r})")
         super().__init__(encoder, **dino)
         check_arg("cls_weight", cls_weight >= 0, cls_weight, ">= 0")
         check_arg("patch_weight", patch_weight >= 0, patch_weight, ">= 0")

@@ -60,7 +60,7 @@ def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05, weights
             q = q * weights.to(q.dtype)
         num_prototypes = q.shape[0]
         count = float(q.shape[1]) if weights is None else weights.float().sum()
-        num_samples = all_reduce_sum(torch.as_tensor(count, dtype=q.dtype, device=q.device).clone())
+        num_samples = all_reduce_sum(torch.as_tensor(count, dtype=q.dtype, device=q.device).clone()).clamp_min(1)
         q /= all_reduce_sum(q.sum()).clamp_min(torch.finfo(q.dtype).tiny)
         for _ in range(iterations):
             q /= all_reduce_sum(q.sum(dim=1, keepdim=True)).clamp_min(torch.finfo(q.dtype).tiny)  # prototype: 1/K

@@ -102,6 +102,16 @@ def _ibot(module, base: dict) -> tuple:
                                   blur_p=[1.0, 0.1, 0.5], solarize_p=[0.0, 0.2, 0.0])
 
 
+def _dinov2(module, base: dict) -> tuple:
+    from selfsup.methods import ibot
+
+    own = ("koleo_weight", "centering", "sinkhorn_iterations", "layer_decay", "patch_embed_lr_mult")
+    method, views = _ibot(ibot, {k: v for k, v in base.items() if k not in own})
+    encoder = Encoder(**method.encoder.config)
+    return module.DINOv2(encoder, out_dim=64, hidden_dim=32, bottleneck_dim=16, patch_out_dim=48,
+                         **{"teacher_momentum": 0.5, "freeze_last_layer_epochs": 0.0, **base}), views
+
+
 FACTORIES: dict[str, tuple[str, Callable]] = {
     "simclr": ("selfsup.methods.simclr", _simclr),
     "mae": ("selfsup.methods.mae", _mae),
@@ -113,6 +123,7 @@ FACTORIES: dict[str, tuple[str, Callable]] = {
     "dino": ("selfsup.methods.dino", _dino),
     "mocov3": ("selfsup.methods.mocov3", _mocov3),
     "ibot": ("selfsup.methods.ibot", _ibot),
+    "dinov2": ("selfsup.methods.dinov2", _dinov2),
 }
 METHODS = list(FACTORIES)
 

@@ -96,9 +96,46 @@ def test_projector_is_the_papers_shape():
     assert method.lambd == 0.0051 and method.scale_loss == 1.0
 
 
+def test_biases_and_norms_take_the_papers_learning_rate_under_lars():
+    """The paper's LARS: weights at lr with the trust ratio, biases and BatchNorm parameters at 0.024 x lr
+    (0.0048 against 0.2), without weight decay and without the trust ratio. One step from zero momentum,
+    compared with the update written out here."""
+    from torch import nn
+
+    from selfsup.optim import Constant, create_optimizer, lr_scheduler
+
+    torch.manual_seed(0)
+    method = BarlowTwins(Encoder("test_resnet"), proj_hidden_dim=16, proj_dim=8)
+    lr, wd = 1.6, 1.5e-6
+    opt = create_optimizer(method, "lars", lr=lr, weight_decay=wd, no_decay=None, lr_scales=method.lr_scales)
+    lr_scheduler(opt, Constant(1.0), 10, 10)
+    for p in method.parameters():
+        p.grad = torch.randn_like(p)
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in method.named_parameters()}
+    opt.step()
+    norms = {n for n, m in method.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    checked = {"bias": 0, "weight": 0}
+    for name, p in method.named_parameters():
+        w, g = before[name]
+        if p.ndim == 1:                                   # a bias or a BatchNorm weight
+            assert name.rsplit(".", 1)[0] in norms or name.endswith("bias"), name
+            expected = w - 0.024 * lr * g
+            checked["bias"] += 1
+        else:
+            trust = 0.001 * w.norm() / (g.norm() + wd * w.norm())  # timm's (and the official) trust coefficient
+            expected = w - lr * trust * (g + wd * w)
+            checked["weight"] += 1
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7, msg=name)
+    assert checked["bias"] > 4 and checked["weight"] > 4, checked
+    one_rate = BarlowTwins(Encoder("test_resnet"), proj_hidden_dim=16, proj_dim=8, bias_lr_ratio=1.0)
+    assert one_rate.lr_scales == {}
+
+
 def test_bad_arguments_name_the_key():
     with pytest.raises(ValueError, match="lambd"):
         BarlowTwins(Encoder("test_resnet"), proj_hidden_dim=8, proj_dim=8, lambd=-1)
+    with pytest.raises(ValueError, match="bias_lr_ratio"):
+        BarlowTwins(Encoder("test_resnet"), proj_hidden_dim=8, proj_dim=8, bias_lr_ratio=0)
     method = BarlowTwins(Encoder("test_resnet"), proj_hidden_dim=8, proj_dim=8)
     views = [v.float() for v in _global_batch(2)] + [torch.randn(2, 3, 32, 32)]
     with pytest.raises(ValueError, match="exactly 2 views"):

@@ -85,6 +85,8 @@ class DINOv2(IBOT):
         check_arg("sinkhorn_iterations", sinkhorn_iterations >= 1, sinkhorn_iterations, ">= 1")
         check_arg("patch_embed_lr_mult", patch_embed_lr_mult > 0, patch_embed_lr_mult, "positive")
         self.koleo_weight, self.centering, self.sinkhorn_iterations = koleo_weight, centering, sinkhorn_iterations
+        if centering == "sinkhorn":  # no EMA centres: none in checkpoints, no all-reduce of them per step
+            self.center = self.patch_center = None
         self.lr_scales = layer_decay_scales(self.encoder.model, layer_decay, "encoder.model.",
                                             {"patch_embed": patch_embed_lr_mult})
 

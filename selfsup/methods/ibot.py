@@ -34,7 +34,7 @@ from selfsup.methods.dino import DINO, distillation_loss
 from selfsup.models.encoder import Encoder
 from selfsup.models.heads import WeightNormLinear
 from selfsup.models.masking import blockwise_mask
-from selfsup.models.teacher import Center, EMATeacher
+from selfsup.models.teacher import Center
 from selfsup.optim import Constant, Schedule, as_schedule, schedule_config
 
 
@@ -100,8 +100,8 @@ class IBOT(DINO):
             WeightNormLinear(bottleneck, out_dim, train_norm=self.head.last_layer.weight_g.requires_grad)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.model.patch_embed.proj.out_channels))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        modules = [self.encoder, self.head] + ([] if shared_head else [self.patch_layer])
-        self.teacher = EMATeacher(modules, self.teacher.momentum)
+        if not shared_head:
+            self.teacher.follow(self.patch_layer)
         self.patch_center = Center(out_dim, patch_center_momentum)
         self.cls_weight, self.patch_weight = cls_weight, patch_weight
         self.mask_ratio, self.mask_probability = tuple(mask_ratio), mask_probability

@@ -50,13 +50,19 @@ class EMATeacher(nn.Module):
         students = list(modules) if isinstance(modules, (list, tuple)) else [modules]
         if not students:
             raise ValueError("EMATeacher needs at least one module to follow")
-        self.copies = nn.ModuleList(copy.deepcopy(m) for m in students)
-        self.copies.requires_grad_(False)
-        self._students = tuple(students)  # a tuple: not registered, so not in the state dict twice
+        self.copies = nn.ModuleList()
+        self._students: tuple[nn.Module, ...] = ()  # a tuple: not registered, so not in the state dict twice
         self.momentum = as_schedule(momentum, "teacher_momentum")
-        for student, teacher in zip(students, self.copies):
-            if [n for n, _ in student.named_parameters()] != [n for n, _ in teacher.named_parameters()]:
-                raise RuntimeError(f"the copy of {type(student).__name__} does not mirror its parameters")
+        for student in students:
+            self.follow(student)
+
+    def follow(self, student: nn.Module) -> None:
+        """Add a frozen copy of one more student module, after the others (iBOT's patch prototypes)."""
+        teacher = copy.deepcopy(student).requires_grad_(False)
+        if [n for n, _ in student.named_parameters()] != [n for n, _ in teacher.named_parameters()]:
+            raise RuntimeError(f"the copy of {type(student).__name__} does not mirror its parameters")
+        self.copies.append(teacher)
+        self._students += (student,)
 
     @contextlib.contextmanager
     def deterministic(self) -> Iterator[None]:

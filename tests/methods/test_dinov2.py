@@ -112,3 +112,20 @@ def test_layer_decay_covers_the_encoder_and_spares_the_heads():
     assert method.lr_scales["encoder.model.patch_embed.proj.weight"] == pytest.approx(0.5 ** (depth + 1) * 0.2)
     with pytest.raises(ValueError, match="centering"):
         build("dinov2", centering="softmax")
+
+
+def test_sinkhorn_centering_keeps_no_centres_and_all_reduces_nothing_for_them(monkeypatch):
+    """Sinkhorn mode has no EMA centres: none in the state dict, and the optimizer step's centre update (one
+    all-reduce per centre) has nothing to run; ``centering: center`` keeps iBOT's two."""
+    import selfsup.models.teacher as teacher
+
+    sinkhorn, _ = build("dinov2")
+    centred, _ = build("dinov2", centering="center")
+    assert not any("center" in k for k in sinkhorn.state_dict())
+    assert {k for k in centred.state_dict() if "center" in k} == {"center.center", "patch_center.center"}
+    calls = []
+    monkeypatch.setattr(teacher, "all_reduce_sum", lambda t: calls.append(t) or t)
+    for method in (sinkhorn, centred):
+        for center in (m for m in method.children() if isinstance(m, teacher.Center)):
+            center.update()
+    assert len(calls) == 2                                   # the centred model's two, none from Sinkhorn's

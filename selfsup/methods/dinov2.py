@@ -16,14 +16,20 @@ Per step:
     t_cls, t_patch = teacher(global crops)
     q_cls = sinkhorn(t_cls / tt);  q_patch = sinkhorn(t_patch[m] / tt_patch)
     loss = L_cls(q_cls, s_cls) + L_mim(q_patch, s_patch[m]) + koleo_weight * sum over global crops of KoLeo(z)
+    with gram (DINOv3), once its phase has started:
+    loss += gram.weight * gram_loss(student patch tokens, snapshot(global crops x gram.image_scale))
 
 Departures: KoLeo's nearest neighbour is searched over the global batch (the reference: each rank's rows),
 so that 2 ranks give what 1 process gives; the final norm shares the last block's learning rate (timm's
 layer grouping). Left from the reference: its separate ``dino_head`` / ``ibot_head`` sizes per model, the
-teacher's own drop path rate, and ``layerwise_decay`` on the heads.
+teacher's own drop path rate, and ``layerwise_decay`` on the heads. DINOv3's Gram anchoring is the ``gram``
+option (:mod:`selfsup.methods.gram`, which lists what of the DINOv3 recipe it implements).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +38,7 @@ from torch import Tensor
 from selfsup.data.datamodule import Batch
 from selfsup.distributed import gather_with_grad, rank
 from selfsup.methods.common import check_arg, full_precision
+from selfsup.methods.gram import GramAnchoring, GramTeacher, gram_loss
 from selfsup.methods.ibot import IBOT
 from selfsup.methods.swav import sinkhorn
 from selfsup.models.encoder import Encoder
@@ -74,11 +81,13 @@ class DINOv2(IBOT):
         sinkhorn_iterations: Sinkhorn-Knopp iterations (3).
         layer_decay: layer-wise learning-rate decay of the encoder (0.9; 1 turns it off).
         patch_embed_lr_mult: a further factor on the patch embedding's learning rate (0.2).
+        gram: DINOv3's Gram anchoring (:class:`~selfsup.methods.gram.GramAnchoring`); ``None``: off.
         **ibot: :class:`IBOT`'s and :class:`~selfsup.methods.dino.DINO`'s settings.
     """
 
     def __init__(self, encoder: Encoder, koleo_weight: float = 0.1, centering: str = "sinkhorn",
-                 sinkhorn_iterations: int = 3, layer_decay: float = 0.9, patch_embed_lr_mult: float = 0.2, **ibot):
+                 sinkhorn_iterations: int = 3, layer_decay: float = 0.9, patch_embed_lr_mult: float = 0.2,
+                 gram: GramAnchoring | None = None, **ibot):
         super().__init__(encoder, **ibot)
         check_arg("koleo_weight", koleo_weight >= 0, koleo_weight, ">= 0")
         check_arg("centering", centering in CENTERINGS, centering, f"one of {CENTERINGS}")
@@ -89,6 +98,12 @@ class DINOv2(IBOT):
             self.center = self.patch_center = None
         self.lr_scales = layer_decay_scales(self.encoder.model, layer_decay, "encoder.model.",
                                             {"patch_embed": patch_embed_lr_mult})
+        gram = GramAnchoring(**gram) if isinstance(gram, dict) else gram  # a checkpoint's hparams give a dict
+        if gram is not None and gram.image_scale != 1 and not getattr(encoder.model, "dynamic_img_size", False):
+            raise ValueError(f"model.gram.image_scale={gram.image_scale} needs an encoder with dynamic_img_size: true")
+        self.gram_teacher = None if gram is None else GramTeacher(self.encoder, gram)
+        if gram is not None:
+            self.hparams["gram"] = dataclasses.asdict(gram)  # plain data in checkpoints
 
     def teacher_targets(self, t_cls: Tensor, t_patch: Tensor, masks: Tensor, temperature: float,
                         patch_temperature: float) -> tuple[Tensor, Tensor]:
@@ -107,4 +122,37 @@ class DINOv2(IBOT):
         koleo = torch.stack([koleo_loss(z) for z in tokens[:, 0].chunk(self.global_crops)]).sum()
         out["loss"] = out["loss"] + self.koleo_weight * koleo
         out["koleo_loss"] = koleo.detach()
+        if self.gram_teacher is not None:
+            gram = self.gram_anchoring(batch, tokens[:, self.encoder.num_prefix_tokens:])
+            out["loss"] = out["loss"] + self.gram_teacher.config.weight * gram
+            out["gram_loss"] = gram.detach()
         return out
+
+    def gram_anchoring(self, batch: Batch, student_patches: Tensor) -> Tensor:
+        """The Gram loss of the student's patch tokens of its (masked) global crops against the Gram teacher
+        on the same crops; 0, and no Gram teacher pass, before the Gram phase."""
+        if not self.gram_teacher.active(self.global_step, self.schedule_steps[1]):
+            return student_patches.sum() * 0.0
+        crops = torch.cat(batch.views[:self.global_crops])
+        grid = (crops.shape[-2] // self.encoder.patch_size, crops.shape[-1] // self.encoder.patch_size)
+        return gram_loss(student_patches, self.gram_teacher.patch_features(crops, grid),
+                         self.gram_teacher.config.remove_negative)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.refresh_gram_teacher()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The step, teacher and centres (parent classes), then the Gram teacher's snapshot for the next step;
+        a skipped step takes none (the next real step takes it, from a teacher the skip left unchanged)."""
+        step = self.trainer.global_step  # this step's index: Lightning counts the step after this hook
+        super().optimizer_step(*args, **kwargs)
+        if not self.step_skipped:
+            self.refresh_gram_teacher(step + 1)
+
+    def refresh_gram_teacher(self, step: int | None = None) -> None:
+        """The snapshot of the EMA teacher's encoder due at optimizer step ``step`` (default: the current
+        one; :class:`~selfsup.methods.gram.GramAnchoring`)."""
+        if self.gram_teacher is not None:
+            step = self.global_step if step is None else step
+            self.gram_teacher.follow(self.teacher.copies[0], step, self.schedule_steps[1])

@@ -5,26 +5,59 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from selfsup.checkpoint import init_encoder_from
+from selfsup.checkpoint import CheckpointError, init_encoder_from, load_checkpoint, selfsup_metadata
 from selfsup.models.teacher import teachers
 
 
-class InitFrom(L.Callback):
-    """Load the encoder weights of ``path`` (a selfsup ``.ckpt``, an export directory or its
-    ``model.safetensors``) into ``pl_module.encoder`` when fit sets up, before any wrapping.
+WEIGHTS = ("encoder", "all")
 
-    Different from ``--ckpt_path``, which resumes a run: on resume the restored weights win and this
-    does nothing. ``path=None`` (the default) does nothing either. EMA teachers are reset to the loaded
-    student. The weights read are the checkpoint's representation (its student or its teacher encoder).
+
+class InitFrom(L.Callback):
+    """Start a new run from the weights of ``path`` when fit sets up, before any wrapping.
+
+    Args:
+        path: a selfsup ``.ckpt``, an export directory or its ``model.safetensors``; ``None`` does nothing.
+        weights: ``encoder`` loads the checkpoint's representation (its student or its teacher encoder) into
+            ``pl_module.encoder`` and resets the EMA teachers to it, the heads staying fresh; ``all`` loads
+            every weight of a selfsup ``.ckpt`` of the same method (encoder, heads, EMA teacher, centres),
+            for a further phase of the same training such as DINOv3's Gram anchoring. Modules the checkpoint
+            lacks entirely (a Gram teacher) keep their own initialisation; anything else missing, or a
+            weight the model has no place for, is an error.
+
+    Different from ``--ckpt_path``, which resumes a run (optimizer, schedule and step included): on resume
+    the restored weights win and this does nothing. Either way the optimizer and schedules start afresh.
     """
 
-    def __init__(self, path: str | None = None):
-        self.path = path
+    def __init__(self, path: str | None = None, weights: str = "encoder"):
+        if weights not in WEIGHTS:
+            raise ValueError(f"init_from.weights={weights!r} must be one of {WEIGHTS}")
+        self.path, self.weights = path, weights
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.path is None or trainer.ckpt_path:
+            return
+        if self.weights == "all":
+            load_all_weights(pl_module, self.path)
+            rank_zero_info(f"[selfsup] every weight initialised from {self.path}")
             return
         init_encoder_from(pl_module.encoder, self.path)
         for _, teacher in teachers(pl_module):  # an EMA teacher starts from the student it follows
             teacher.reset()
         rank_zero_info(f"[selfsup] encoder initialised from {self.path}")
+
+
+def load_all_weights(module: L.LightningModule, path: str) -> None:
+    """Every weight of the selfsup checkpoint ``path`` into ``module`` (see :class:`InitFrom`)."""
+    checkpoint = load_checkpoint(path)
+    meta = selfsup_metadata(checkpoint, path)
+    method = f"{type(module).__module__}.{type(module).__qualname__}"
+    if meta.get("method", method) != method:
+        raise CheckpointError(f"init_from={path!r} was written by {meta['method']} but the model is {method}; "
+                              "init_from.weights: all needs the same method (use weights: encoder)")
+    state = checkpoint["state_dict"]
+    result = module.load_state_dict(state, strict=False)
+    present = {key.split(".")[0] for key in state}
+    missing = [key for key in result.missing_keys if key.split(".")[0] in present]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"init_from={path!r} does not fit the model: missing {missing[:4]}, unexpected "
+                              f"{result.unexpected_keys[:4]} (same method, other sizes or options?)")

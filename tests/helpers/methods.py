@@ -105,11 +105,21 @@ def _ibot(module, base: dict) -> tuple:
 def _dinov2(module, base: dict) -> tuple:
     from selfsup.methods import ibot
 
-    own = ("koleo_weight", "centering", "sinkhorn_iterations", "layer_decay", "patch_embed_lr_mult")
+    own = ("koleo_weight", "centering", "sinkhorn_iterations", "layer_decay", "patch_embed_lr_mult", "gram")
     method, views = _ibot(ibot, {k: v for k, v in base.items() if k not in own})
     encoder = Encoder(**method.encoder.config)
     return module.DINOv2(encoder, out_dim=64, hidden_dim=32, bottleneck_dim=16, patch_out_dim=48,
                          **{"teacher_momentum": 0.5, "freeze_last_layer_epochs": 0.0, **base}), views
+
+
+def _dinov3(module, base: dict) -> tuple:
+    """DINOv2 with DINOv3's Gram anchoring from the start, the snapshot refreshed every half epoch (2 steps
+    of :func:`tiny_fit`), the Gram teacher on 2x upsampled crops."""
+    from selfsup.methods import dinov2
+    from selfsup.methods.gram import GramAnchoring
+
+    gram = GramAnchoring(weight=1.0, start_epochs=0.0, refresh_epochs=0.5, image_scale=2.0)
+    return _dinov2(dinov2, {"gram": gram, **base})
 
 
 FACTORIES: dict[str, tuple[str, Callable]] = {
@@ -124,6 +134,7 @@ FACTORIES: dict[str, tuple[str, Callable]] = {
     "mocov3": ("selfsup.methods.mocov3", _mocov3),
     "ibot": ("selfsup.methods.ibot", _ibot),
     "dinov2": ("selfsup.methods.dinov2", _dinov2),
+    "dinov3": ("selfsup.methods.gram", _dinov3),
 }
 METHODS = list(FACTORIES)
 

@@ -129,3 +129,9 @@ def test_sinkhorn_centering_keeps_no_centres_and_all_reduces_nothing_for_them(mo
         for center in (m for m in method.children() if isinstance(m, teacher.Center)):
             center.update()
     assert len(calls) == 2                                   # the centred model's two, none from Sinkhorn's
+
+
+def test_two_ranks_equal_one_process_teacher_included():
+    from tests.helpers.methods import assert_teacher_ranks_match
+
+    assert_teacher_ranks_match("dinov2")

@@ -8,20 +8,15 @@ shows images (TensorBoard, wandb) and as a PNG under ``<log_dir>/reconstructions
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-from typing import Any
-
 import lightning as L
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
-from selfsup.eval.features import eval_mode, model_call
-
-log = logging.getLogger(__name__)
+from selfsup.eval.features import model_call
+from selfsup.eval.pictures import FixedImagePictures
 
 
 def reconstruction_grid(images: Tensor, masked: Tensor, reconstruction: Tensor, mean: tuple[float, ...],
@@ -40,7 +35,7 @@ def reconstruction_grid(images: Tensor, masked: Tensor, reconstruction: Tensor, 
     return make_grid(tiles, nrow=3, padding=2, pad_value=1.0)
 
 
-class ReconstructionImages(L.Callback):
+class ReconstructionImages(FixedImagePictures):
     """Every ``every_n_epochs``, reconstruct a fixed batch of ``num_images`` validation images.
 
     The batch and the mask are the same every time (``seed``), so successive grids show progress.
@@ -49,70 +44,16 @@ class ReconstructionImages(L.Callback):
     whole factor. A final grid is written at the end of training.
     """
 
-    def __init__(self, every_n_epochs: int = 1, num_images: int = 8, seed: int = 0, min_display_size: int = 96):
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs={every_n_epochs} must be at least 1")
-        if num_images < 1:
-            raise ValueError(f"num_images={num_images} must be at least 1")
-        self.every_n_epochs, self.num_images, self.seed = every_n_epochs, num_images, seed
-        self.min_display_size = min_display_size
-        self.images: Tensor | None = None
-        self.last_step: int | None = None
-        self.paths: list[Path] = []
+    folder = "reconstructions"
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not callable(getattr(pl_module, "reconstruct", None)):
             raise TypeError(f"ReconstructionImages needs a method with reconstruct(images), such as MAE or "
                             f"SimMIM; {type(pl_module).__name__} has none")
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.write(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.last_step != trainer.global_step:
-            self.write(trainer, pl_module)
-
-    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Render the grid for the current weights and send it to the loggers and the run directory.
-
-        Every rank calls it together: the run directory is resolved on all of them (``trainer.log_dir``
-        broadcasts), every rank reconstructs the same fixed images (inside the wrapped model when the
-        parameters are sharded), and rank 0 alone writes."""
-        self.last_step = trainer.global_step
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "reconstructions"
-        images = self._fixed_images(trainer).to(pl_module.device)
+    def render(self, trainer: L.Trainer, pl_module: L.LightningModule, images: Tensor) -> Tensor:
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        with eval_mode(pl_module), torch.no_grad():
-            masked, reconstruction = model_call(trainer, pl_module, "reconstruct")(images, generator=generator)
-        if trainer.is_global_zero:
-            preprocessing = trainer.datamodule.preprocessing
-            scale = max(1, self.min_display_size // images.shape[-1])
-            grid = reconstruction_grid(images, masked, reconstruction, preprocessing.mean, preprocessing.std,
-                                       scale).cpu()
-            self._to_loggers(trainer, grid)
-            out.mkdir(parents=True, exist_ok=True)
-            path = out / f"epoch{trainer.current_epoch:03d}-step{trainer.global_step:06d}.png"
-            save_image(grid, path)
-            self.paths.append(path)
-            log.info("wrote %s", path)
-
-    def _fixed_images(self, trainer: L.Trainer) -> Tensor:
-        if self.images is None:
-            datamodule = trainer.datamodule
-            loader = datamodule.probe_dataloader("test" if datamodule.has_labels else "pretrain")
-            batches: list[Tensor] = []
-            for batch in loader:
-                batches += list(batch.views[0])
-                if len(batches) >= self.num_images:
-                    break
-            self.images = torch.stack(batches[:self.num_images])
-        return self.images
-
-    def _to_loggers(self, trainer: L.Trainer, grid: Tensor) -> None:
-        for logger in trainer.loggers:
-            experiment: Any = getattr(logger, "experiment", None)
-            if hasattr(logger, "log_image"):  # wandb
-                logger.log_image("reconstructions", images=[grid], step=trainer.global_step)
-            elif hasattr(experiment, "add_image"):  # TensorBoard
-                experiment.add_image("reconstructions", grid, global_step=trainer.global_step)
+        masked, reconstruction = model_call(trainer, pl_module, "reconstruct")(images, generator=generator)
+        preprocessing = trainer.datamodule.preprocessing
+        return reconstruction_grid(images, masked, reconstruction, preprocessing.mean, preprocessing.std,
+                                   self.display_scale(images))

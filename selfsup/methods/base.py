@@ -175,10 +175,10 @@ class SSLMethod(L.LightningModule):
         """``schedule`` at the current optimizer step (teacher temperature, weight decay...)."""
         return schedule.value(self.global_step, *self.schedule_steps)
 
-    def represent(self, x: Tensor) -> Tensor:
-        """Pooled features of the representation (``representation``: the student's encoder or its EMA
-        teacher copy), what the probe callbacks score and export writes."""
-        return representation_encoder(self)(x)
+    def represent(self, x: Tensor, tokens: bool = False) -> Tensor:
+        """Pooled features of the representation (``representation``: the student's encoder or its EMA teacher
+        copy), what probes score and export writes; ``tokens``: its token features (ViTs; the PCA picture)."""
+        return representation_encoder(self).forward_tokens(x) if tokens else representation_encoder(self)(x)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["selfsup"] = {"method": f"{type(self).__module__}.{type(self).__qualname__}",

@@ -35,7 +35,7 @@ def test_images_go_to_tensorboard_and_wandb_style_loggers():
     wandb = SimpleNamespace(experiment=None, log_image=lambda *a, **k: calls.append("wandb"))
     csv = SimpleNamespace(experiment=SimpleNamespace())
     trainer = SimpleNamespace(loggers=[tensorboard, wandb, csv], global_step=3)
-    ReconstructionImages()._to_loggers(trainer, torch.zeros(3, 4, 4))
+    ReconstructionImages().to_loggers(trainer, torch.zeros(3, 4, 4))
     assert calls == ["tb", "wandb"]
 
 

@@ -189,8 +189,34 @@ def load_encoder(path: str | Path, unsafe_load: bool = False, **overrides: Any) 
     return encoder.eval()
 
 
+def is_timm_weights(path: str | Path) -> bool:
+    """Whether ``path`` is a timm model's weights file rather than a selfsup checkpoint or export: a
+    ``.safetensors`` file without a selfsup ``config.json`` beside it, or a ``torch.save``'d state dict
+    (``.pth``, ``.pt``, ``.bin``) without selfsup's entry."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix == ".safetensors":
+        config = path.parent / CONFIG_FILE
+        return not (config.is_file() and "selfsup" in json.loads(config.read_text()))
+    if path.suffix in (".pth", ".pt", ".bin"):
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not readable this way: let the checkpoint reader name the problem
+            return False
+        return isinstance(content, dict) and "selfsup" not in content
+    return False
+
+
 def init_encoder_from(encoder: Encoder, path: str | Path, unsafe_load: bool = False) -> None:
-    """Copy the weights of a checkpoint or export into ``encoder`` (for ``--init_from.path``)."""
+    """Copy the weights of a checkpoint, an export or a timm weights file (:meth:`Encoder.load_timm_weights`)
+    into ``encoder`` (for ``--init_from.path``)."""
+    if is_timm_weights(path):
+        try:
+            encoder.load_timm_weights(str(path))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from err
+        return
     state, config, _ = read_encoder_weights(path, unsafe_load)
     if config is not None and config["name"] != encoder.config["name"]:
         raise CheckpointError(f"init_from={str(path)!r} holds a {config['name']!r} encoder but the model "

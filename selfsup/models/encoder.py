@@ -24,20 +24,26 @@ def _divisors_hint(image_size: int, patch_size: int) -> str:
 
 
 def _create(name: str, in_chans: int, image_size: int | None, patch_size: int | None,
-            kwargs: dict[str, Any]) -> nn.Module:
-    """``timm.create_model`` without a classifier; sizes go only to models that take them."""
+            kwargs: dict[str, Any], pretrained_file: str | None = None) -> nn.Module:
+    """``timm.create_model`` without a classifier; sizes go only to models that take them. With
+    ``pretrained_file``, timm loads that local weights file (``weights_only``), drops its classifier and
+    adapts the input channels and the position embeddings to this model."""
+    kwargs = dict(kwargs)
     dynamic = kwargs.pop("dynamic_img_size", None) or None  # ViTs only, like the sizes
     sizes = {k: v for k, v in (("img_size", image_size), ("patch_size", patch_size),
                                ("dynamic_img_size", dynamic)) if v is not None}
+    source = {"pretrained": pretrained_file is not None}
+    if pretrained_file is not None:
+        source["pretrained_cfg_overlay"] = {"file": pretrained_file}
     try:
-        return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs, **sizes)
+        return timm.create_model(name, num_classes=0, in_chans=in_chans, **source, **kwargs, **sizes)
     except TypeError as err:
         if not sizes or not any(k in str(err) for k in sizes):
             raise
     if patch_size is not None:
         raise ValueError(f"patch_size={patch_size} only applies to ViT-like models, not {name!r}")
     # CNNs take any image size: drop it.
-    return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+    return timm.create_model(name, num_classes=0, in_chans=in_chans, **source, **kwargs)
 
 
 class Encoder(nn.Module):
@@ -87,6 +93,7 @@ class Encoder(nn.Module):
                            in_chans=in_chans, pool=pool, drop_path_rate=drop_path_rate,
                            model_kwargs=dict(model_kwargs or {}), dynamic_img_size=dynamic_img_size,
                            pos_embed=pos_embed, weight_init=weight_init, grad_checkpointing=grad_checkpointing)
+        self._timm_args = (name, in_chans, image_size, patch_size, kwargs)
         self.model = _create(name, in_chans, image_size, patch_size, kwargs)
         self.is_vit = hasattr(self.model, "patch_embed")
         self.config["dynamic_img_size"] = bool(getattr(self.model, "dynamic_img_size", False))  # CNNs: False
@@ -114,6 +121,32 @@ class Encoder(nn.Module):
             raise ValueError(f"cifar_stem=True needs a ResNet-style model with conv1 and maxpool, not {name!r}")
         self.model.conv1 = nn.Conv2d(in_chans, conv.out_channels, 3, stride=1, padding=1, bias=False)
         self.model.maxpool = nn.Identity()
+
+    @torch.no_grad()
+    def load_timm_weights(self, path: str) -> None:
+        """Copy the weights of a timm model's weights file (``model.safetensors`` or a state dict saved with
+        ``torch.save``, e.g. from ``timm.create_model(..., pretrained=True)``) into this encoder, loaded the way
+        timm loads pretrained weights: its classifier dropped, the first convolution adapted to ``in_chans``
+        (a grayscale model sums the RGB filters), position embeddings resampled to this grid."""
+        if self.config["cifar_stem"]:
+            raise ValueError(f"{path!r}: timm weights do not fit the CIFAR stem (cifar_stem: true)")
+        try:
+            pretrained = _create(*self._timm_args, pretrained_file=str(path))
+        except (RuntimeError, KeyError) as err:
+            raise ValueError(f"the timm weights in {str(path)!r} do not fit {self.config['name']!r}: "
+                             f"{str(err).strip()[:600]}") from err
+        # timm loads non-strictly once the classifier differs: check the names here, so that nothing is
+        # left at its random initialisation without a word
+        classifier = pretrained.pretrained_cfg.get("classifier") or ()
+        classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        heads = tuple(f"{c}." for c in classifier)
+        in_file = {k for k in timm.models.load_state_dict(str(path)) if not k.startswith(heads)}
+        missing, unexpected = set(pretrained.state_dict()) - in_file, in_file - set(pretrained.state_dict())
+        if missing or unexpected:
+            raise ValueError(f"the timm weights in {str(path)!r} do not fit {self.config['name']!r}: missing "
+                             f"{sorted(missing)[:4]} ({len(missing)}), unexpected {sorted(unexpected)[:4]} "
+                             f"({len(unexpected)})")
+        self.model.load_state_dict(pretrained.state_dict())
 
     def check_view_sizes(self, views: list[Tensor]) -> None:
         """Multi-crop views of several sizes need a CNN or a ViT with ``dynamic_img_size``: else name it."""

@@ -16,22 +16,35 @@ class InitFrom(L.Callback):
     """Start a new run from the weights of ``path`` when fit sets up, before any wrapping.
 
     Args:
-        path: a selfsup ``.ckpt``, an export directory or its ``model.safetensors``; ``None`` does nothing.
+        path: a selfsup ``.ckpt``, an export directory or its ``model.safetensors``, or a timm model's weights
+            file (``.safetensors``, or ``.pth``/``.bin`` saved with ``torch.save``: its classifier dropped,
+            input channels and position embeddings adapted by timm); ``None`` does nothing.
         weights: ``encoder`` loads the checkpoint's representation (its student or its teacher encoder) into
             ``pl_module.encoder`` and resets the EMA teachers to it, the heads staying fresh; ``all`` loads
             every weight of a selfsup ``.ckpt`` of the same method (encoder, heads, EMA teacher, centres),
             for a further phase of the same training such as DINOv3's Gram anchoring. Modules the checkpoint
             lacks entirely (a Gram teacher) keep their own initialisation; anything else missing, or a
             weight the model has no place for, is an error.
+        freeze_encoder_steps: a head warm-up: for the first this many optimizer steps the student's encoder
+            gets no update (its gradients are dropped on every rank before the step), so that randomly
+            initialised heads do not wreck pretrained features; the EMA teacher's encoder, a copy of it, stays
+            put too. Counted from the run's step 0, so a resumed run keeps it.
 
     Different from ``--ckpt_path``, which resumes a run (optimizer, schedule and step included): on resume
     the restored weights win and this does nothing. Either way the optimizer and schedules start afresh.
     """
 
-    def __init__(self, path: str | None = None, weights: str = "encoder"):
+    def __init__(self, path: str | None = None, weights: str = "encoder", freeze_encoder_steps: int = 0):
         if weights not in WEIGHTS:
             raise ValueError(f"init_from.weights={weights!r} must be one of {WEIGHTS}")
-        self.path, self.weights = path, weights
+        if freeze_encoder_steps < 0:
+            raise ValueError(f"init_from.freeze_encoder_steps={freeze_encoder_steps} must be >= 0")
+        self.path, self.weights, self.freeze_encoder_steps = path, weights, freeze_encoder_steps
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if self.path is not None and trainer.global_step < self.freeze_encoder_steps:
+            for p in pl_module.encoder.parameters():
+                p.grad = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.path is None or trainer.ckpt_path:

@@ -199,6 +199,16 @@ class Encoder(nn.Module):
             raise TypeError(f"forward_tokens needs a ViT-like model, not {self.config['name']!r}")
         return self.model.forward_features(self.match_channels(x))
 
+    def intermediate_tokens(self, x: Tensor, layers: int | list[int] = 4) -> list[Tensor]:
+        """Tokens ``(B, prefix + N, D)`` after each of the last ``layers`` blocks (or the listed block indices),
+        each through the final norm, from timm's ``forward_intermediates`` (ViTs): what DINOv2's and iBOT's
+        linear evaluations read (the class tokens of the last 4 blocks)."""
+        if not self.is_vit or not hasattr(self.model, "forward_intermediates"):
+            raise TypeError(f"intermediate_tokens needs a timm ViT, not {self.config['name']!r}")
+        out = self.model.forward_intermediates(self.match_channels(x), indices=layers, norm=True, output_fmt="NLC",
+                                               intermediates_only=True, return_prefix_tokens=True)
+        return [torch.cat([prefix, patches], dim=1) if prefix is not None else patches for patches, prefix in out]
+
     # -- token-level access for masked image modeling (MAE, SimMIM) -------------------------------
     @property
     def patch_size(self) -> int:
@@ -228,21 +238,24 @@ class Encoder(nn.Module):
         iBOT, DINOv2). The mask token belongs to the method, so the encoder exported stays timm's."""
         patches = self.embed_patches(x)
         weight = mask.flatten(1)[..., None].to(patches.dtype)
-        return self.encode_patches(patches * (1 - weight) + mask_token.to(patches.dtype) * weight)
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        return self.encode_patches(patches * (1 - weight) + mask_token.to(patches.dtype) * weight, grid=grid)
 
-    def encode_patches(self, patches: Tensor, keep: Tensor | None = None) -> Tensor:
+    def encode_patches(self, patches: Tensor, keep: Tensor | None = None,
+                       grid: tuple[int, int] | None = None) -> Tensor:
         """Run the rest of the backbone from patch embeddings ``(B, N, D)``.
 
         A ViT adds its position embeddings and prefix tokens, then, when ``keep`` ``(B, K)`` indexes
         patch tokens, runs its blocks on those only (MAE); it returns ``(B, prefix + K, D)``. A
         hierarchical model (Swin) runs its stages on the full grid and returns ``(B, N / stride^2, C)``.
-        Either way the tokens leave through the backbone's final norm (:attr:`token_norm`).
+        Either way the tokens leave through the backbone's final norm (:attr:`token_norm`). ``grid``
+        ``(h, w)`` is the patch grid of a ``dynamic_img_size`` ViT's input (any shape; square when omitted).
         """
-        model, grid = self.model, self.model.patch_embed.grid_size
+        model = self.model
         if hasattr(model, "blocks"):
-            if getattr(model, "dynamic_img_size", False):  # timm then wants NHWC (square grids here)
+            if getattr(model, "dynamic_img_size", False):  # timm then wants NHWC, on the input's grid
                 side = int(patches.shape[1] ** 0.5)
-                patches = patches.unflatten(1, (side, side))
+                patches = patches.unflatten(1, tuple(grid) if grid is not None else (side, side))
             tokens = model._pos_embed(patches)
             if keep is not None:
                 prefix, body = tokens[:, :self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
@@ -254,7 +267,8 @@ class Encoder(nn.Module):
             return self.token_norm(model.blocks(tokens))
         if keep is not None:
             raise ValueError(f"{self.config['name']!r} cannot run on a subset of tokens (use a ViT)")
-        grid_map = patches.unflatten(1, (patches.shape[1] // grid[1], grid[1]))  # Swin stages take NHWC
+        width = model.patch_embed.grid_size[1] if grid is None else grid[1]
+        grid_map = patches.unflatten(1, (patches.shape[1] // width, width))  # Swin stages take NHWC
         return self.token_norm(model.layers(grid_map)).flatten(1, 2)
 
     @property

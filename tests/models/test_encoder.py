@@ -99,3 +99,36 @@ def test_grad_checkpointing_recomputes_the_token_path_with_equal_gradients(monke
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
         assert torch.allclose(grad, grads[1][name], atol=1e-6), name
+
+
+def test_masked_token_path_takes_non_square_crops():
+    """A dynamic-size ViT on a 16 x 32 crop (4 x 8 patches): with nothing masked the token path gives timm's
+    own tokens, and a masked patch changes the tokens (positions follow the real grid, not a square guess)."""
+    encoder = Encoder("vit_tiny_patch16_224", image_size=16, patch_size=4, dynamic_img_size=True,
+                      model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}).eval()
+    x = torch.randn(2, 3, 16, 32)
+    token = torch.zeros(1, 1, 32)
+    none = torch.zeros(2, 4, 8)
+    torch.testing.assert_close(encoder.encode_masked(x, none, token), encoder.forward_tokens(x))
+    masked = none.clone()
+    masked[:, 1, 5] = 1
+    assert not torch.allclose(encoder.encode_masked(x, masked, token), encoder.forward_tokens(x))
+
+
+def test_intermediate_tokens_are_each_blocks_output_through_the_final_norm():
+    encoder = Encoder("vit_tiny_patch16_224", image_size=16, patch_size=4,
+                      model_kwargs={"depth": 3, "embed_dim": 32, "num_heads": 2, "reg_tokens": 2}).eval()
+    x = torch.randn(2, 3, 16, 16)
+    seen = []
+    hooks = [block.register_forward_hook(lambda m, i, o: seen.append(o)) for block in encoder.model.blocks]
+    with torch.no_grad():
+        encoder.forward_tokens(x)
+    for hook in hooks:
+        hook.remove()
+    got = encoder.intermediate_tokens(x, 2)
+    assert len(got) == 2 and got[0].shape == (2, 1 + 2 + 16, 32)          # class, 2 registers, 16 patches
+    for tokens, block_out in zip(got, seen[1:]):
+        torch.testing.assert_close(tokens, encoder.model.norm(block_out))
+    torch.testing.assert_close(got[-1], encoder.forward_tokens(x))          # the last one is the final output
+    with pytest.raises(TypeError, match="timm ViT"):
+        Encoder("resnet18").intermediate_tokens(torch.randn(1, 3, 32, 32))

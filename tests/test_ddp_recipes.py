@@ -130,7 +130,7 @@ def test_recipe_callbacks_and_unreadable_files_under_two_process_ddp(method, tmp
     log_dir = versions[0]
     if any(c.endswith("ProbeReport") for c in callbacks):
         report = json.loads((log_dir / "probe_report.json").read_text())
-        assert set(report) == {"pretrained", "random init"}
+        assert set(report) == {"pretrained", "random init", "raw pixels"}
         assert output.count("Frozen-encoder accuracy") == 1, "the table is printed once"
     if any(c.endswith("ReconstructionImages") for c in callbacks):
         grids = sorted(p.name for p in (log_dir / "reconstructions").iterdir())

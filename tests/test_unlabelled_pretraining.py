@@ -70,15 +70,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as monkeypatch:
         labels = _recording_labels(monkeypatch, callbacks_module)
         selfsup_main(["fit", "--config", str(config)])
-    # ProbeReport: train then test features, for the pretrained and the random encoder
-    assert [len(y) for y in labels] == [12, 6, 12, 6], "probes read the labelled folders, not the 16 flat images"
+    # ProbeReport: train then test features, for the pretrained and the random encoder and the raw pixels
+    assert [len(y) for y in labels] == [12, 6] * 3, "probes read the labelled folders, not the 16 flat images"
     assert all((y >= 0).all() for y in labels), "no -1 label reached kNN or the linear probe"
     return root
 
 
 def test_fit_on_a_flat_folder_probes_the_labelled_folders(run: Path) -> None:
     report = json.loads((run / "run" / "probe_report.json").read_text())
-    assert set(report) == {"pretrained", "random init"}
+    assert set(report) == {"pretrained", "random init", "raw pixels"}
     assert all(0 <= score <= 1 for scores in report.values() for score in scores.values())
     stored = torch.load(run / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert stored["datamodule_hyper_parameters"]["probe_train_root"] == str(run / "probe")

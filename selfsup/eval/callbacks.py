@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from selfsup.distributed import all_reduce_sum, broadcast_tensors, on_rank_zero
-from selfsup.eval.features import extract_features, recalibrate_batchnorm, representation
+from selfsup.eval.features import RawPixels, extract_features, recalibrate_batchnorm, representation
 from selfsup.eval.knn import topk_accuracy
 from selfsup.eval.protocols import EvalContext, FeatureSet, run_protocols
 from selfsup.eval.scorecard import CheckpointScorer, probes_unavailable  # noqa: F401  (re-exported for recipes)
@@ -185,16 +185,17 @@ class KNNMonitor(L.Callback):
 
 
 class ProbeReport(L.Callback):
-    """At the end of fit, score the trained encoder and the same architecture at random
-    initialisation with kNN and a linear probe; print a table and write ``probe_report.json`` into the
-    run's log directory.
+    """At the end of fit, score the trained encoder, the same architecture at random initialisation and
+    (``raw_pixels``) the pixels themselves (:class:`~selfsup.eval.features.RawPixels`, at most 32 x 32 per
+    channel) with kNN and a linear probe; print a table and write ``probe_report.json`` into the run's log
+    directory.
 
     The random encoder's BatchNorm statistics are estimated on training images first (on rank 0, then
     broadcast), so the baseline is a fair one (see :func:`selfsup.eval.features.recalibrate_batchnorm`).
     Under DDP every rank takes part in the feature extraction and rank 0 alone scores and writes."""
 
-    def __init__(self, protocols: tuple[str, ...] = ("knn", "linear"), seed: int = 0):
-        self.protocols, self.seed = tuple(protocols), seed
+    def __init__(self, protocols: tuple[str, ...] = ("knn", "linear"), seed: int = 0, raw_pixels: bool = True):
+        self.protocols, self.seed, self.raw_pixels = tuple(protocols), seed, raw_pixels
         self.results: dict[str, dict[str, float]] = {}
         self.path: Path | None = None
 
@@ -221,6 +222,9 @@ class ProbeReport(L.Callback):
             "pretrained": frozen_scores(encoder, trainer.datamodule, pl_module.device, bf16, self.protocols,
                                         forward=forward),
             "random init": frozen_scores(random_encoder, trainer.datamodule, pl_module.device, bf16, self.protocols)}
+        if self.raw_pixels:
+            self.results["raw pixels"] = frozen_scores(RawPixels(), trainer.datamodule, pl_module.device, False,
+                                                       self.protocols)
         self.path = out_dir / "probe_report.json"
         on_rank_zero(self._report)
 

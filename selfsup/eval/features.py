@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -55,6 +56,24 @@ def _gather_in_order(features: Tensor, labels: Tensor, index: Tensor) -> tuple[T
     first[1:] = index[1:] != index[:-1]
     keep = order[first]
     return features[keep], labels[keep]
+
+
+class RawPixels(nn.Module):
+    """The trivial baseline "encoder": an image's normalised pixels, flattened, after averaging them down to
+    at most ``max_side`` x ``max_side`` per channel (area averaging; smaller images as they are). Scored like
+    an encoder, it shows whether pretraining beat the pixels themselves."""
+
+    def __init__(self, max_side: int = 32):
+        super().__init__()
+        if max_side < 1:
+            raise ValueError(f"max_side={max_side} must be at least 1")
+        self.max_side = max_side
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if max(h, w) > self.max_side:
+            x = F.adaptive_avg_pool2d(x.float(), (min(h, self.max_side), min(w, self.max_side)))
+        return x.flatten(1)
 
 
 @torch.no_grad()

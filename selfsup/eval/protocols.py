@@ -9,7 +9,8 @@ A protocol is a function ``fn(context: EvalContext, **settings) -> list[row]``, 
 
 ``selfsup eval``, :class:`CheckpointScorer` and :func:`frozen_scores` all go through
 :func:`run_protocols`, so each protocol has exactly one implementation. Built-in protocols: ``knn``
-and ``linear`` (here), ``fewshot`` (:mod:`selfsup.eval.fewshot`), ``finetune`` (:mod:`selfsup.eval.finetune`).
+and ``linear`` (here), ``fewshot`` (:mod:`selfsup.eval.fewshot`), ``finetune`` (:mod:`selfsup.eval.finetune`),
+``retrieval`` (:mod:`selfsup.eval.retrieval`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from selfsup.eval.features import extract_features
 from selfsup.eval.knn import knn_accuracy
 from selfsup.eval.linear import linear_probe
 
-BUILTIN_MODULES = ("selfsup.eval.fewshot", "selfsup.eval.finetune")
+BUILTIN_MODULES = ("selfsup.eval.fewshot", "selfsup.eval.finetune", "selfsup.eval.retrieval")
 
 
 def score_row(protocol: str, metric: str, value: float, std: float | None = None, **settings: Any) -> dict:

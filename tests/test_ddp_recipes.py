@@ -81,13 +81,15 @@ def _config(method: str, root: Path, train: Path, test: Path) -> Path:
     recipe = yaml.safe_load((REPO / "recipes" / "demo" / f"{method}.yaml").read_text())
     model = recipe["model"]
     arch = "vit" if "vit" in model["init_args"]["encoder"]["init_args"]["name"] else "resnet"
-    model["init_args"]["encoder"]["init_args"] = TINY_ENCODERS[arch]
+    model["init_args"]["encoder"]["init_args"] = {**TINY_ENCODERS[arch],
+                                                  **({"dynamic_img_size": True} if method == "dinov2" else {})}
     model["init_args"]["channels_last"] = False
     data = {**recipe["data"], "dataset": "folder", "root": str(train), "test_root": str(test), "image_size": 32,
             "batch_size": BATCH, "eval_batch_size": 8, "num_workers": 0}
     callbacks = _recipe_callbacks(model["class_path"]) + [
         {"class_path": "selfsup.eval.callbacks.CheckpointScorer",
          "init_args": {"protocols": ["knn"], "settings": {"knn": {"k": 5}}}},
+        {"class_path": "selfsup.eval.collapse.RankMe", "init_args": {"every_n_steps": 1, "num_samples": 16}},
         {"class_path": "tests.helpers.ranks.RecordRanks", "init_args": {"out_dir": str(root / "ranks")}}]
     trainer = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "precision": "32", "max_epochs": EPOCHS,
                "sync_batchnorm": arch == "resnet", "default_root_dir": str(root / "run"), "callbacks": callbacks,
@@ -102,7 +104,7 @@ def _config(method: str, root: Path, train: Path, test: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("method", ["simclr", "swav", "mae", "simmim"])
+@pytest.mark.parametrize("method", ["simclr", "swav", "mae", "simmim", "dinov2"])
 def test_recipe_callbacks_and_unreadable_files_under_two_process_ddp(method, tmp_path):
     train, test, bad = _write_folders(tmp_path / "data")
     config = _config(method, tmp_path, train, test)
@@ -137,6 +139,12 @@ def test_recipe_callbacks_and_unreadable_files_under_two_process_ddp(method, tmp
         assert len(grids) == EPOCHS, grids  # one per epoch; the final one is the last epoch's
     if any(c.endswith("KNNMonitor") for c in callbacks):
         assert "knn/top1" in (log_dir / "metrics.csv").read_text().splitlines()[0]
+    if any(c.endswith("PatchPCAImages") for c in callbacks):
+        pictures = sorted(p.name for p in (log_dir / "patch_pca").iterdir())
+        assert len(pictures) == EPOCHS, pictures
+    logged = "train/rankme" in (log_dir / "metrics.csv").read_text().splitlines()[0]
+    reports_features = method in ("simclr", "swav", "dinov2")               # MAE and SimMIM report none
+    assert logged is reports_features, "RankMe logged on 2 ranks, where the method reports features"
 
 
 def _callbacks_of(config: Path) -> list[str]:

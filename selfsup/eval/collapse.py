@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from selfsup.distributed import gather_rows, world_size
@@ -47,11 +47,15 @@ class RankMe(L.Callback):
         self.buffer: list[Tensor] = []
         self.values: list[tuple[int, float]] = []
         self.last_step = -1  # accumulation micro-steps share a step: one value per optimizer step
+        self.told = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         features = outputs.get("features") if isinstance(outputs, dict) else None
         if features is None:  # a method that reports none: the same on every rank
+            if not self.told:
+                rank_zero_info(f"[selfsup] RankMe: {type(pl_module).__name__} reports no features; nothing to monitor")
+                self.told = True
             return
         self.buffer.append(features.detach().flatten(1).float())
         per_rank = -(-self.num_samples // world_size())

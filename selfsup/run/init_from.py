@@ -31,7 +31,8 @@ class InitFrom(L.Callback):
             put too. Counted from the run's step 0, so a resumed run keeps it.
 
     Different from ``--ckpt_path``, which resumes a run (optimizer, schedule and step included): on resume
-    the restored weights win and this does nothing. Either way the optimizer and schedules start afresh.
+    the restored weights win and this does nothing. A run started with ``init_from`` builds its optimizer
+    and schedules afresh.
     """
 
     def __init__(self, path: str | None = None, weights: str = "encoder", freeze_encoder_steps: int = 0):

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.eval.knn import topk_accuracy
+from selfsup.eval.metrics import calls_for_clinical_metrics
+from selfsup.eval.metrics import clinical_metrics as metrics
 
 
 def fit_logistic(features: Tensor, labels: Tensor, num_classes: int, weight_decay: float,
@@ -40,12 +42,15 @@ def standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
 
 def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
                  weight_decays: tuple[float, ...] = (1e-4, 1e-3, 1e-2), holdout_fraction: float = 0.1,
-                 max_iter: int = 100, seed: int = 0, batchnorm: bool = True) -> dict[str, float]:
+                 max_iter: int = 100, seed: int = 0, batchnorm: bool = True,
+                 clinical_metrics: str = "never") -> dict[str, float]:
     """Test accuracy of a logistic-regression probe.
 
     The weight decay is chosen on a held-out ``holdout_fraction`` of the train split (never on the
     test split), then the probe is refitted on the whole train split. ``batchnorm`` standardises the
-    features first (BatchNorm without affine, as in the MAE linear probe).
+    features first (BatchNorm without affine, as in the MAE linear probe). ``clinical_metrics``
+    (``auto``/``always``/``never``) adds balanced accuracy, macro AUC, Cohen's kappa and per-class accuracy
+    (:mod:`selfsup.eval.metrics`).
     """
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     train, test = train_features.float(), test_features.float()
@@ -65,5 +70,8 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
         start = solutions[best_wd]
     w, b = fit_logistic(train, train_labels, num_classes, best_wd, max_iter, init=start)
     scores = test @ w + b
-    return {"top1": topk_accuracy(scores, test_labels, 1), "top5": topk_accuracy(scores, test_labels, 5),
-            "weight_decay": best_wd}
+    out = {"top1": topk_accuracy(scores, test_labels, 1), "top5": topk_accuracy(scores, test_labels, 5),
+           "weight_decay": best_wd}
+    if calls_for_clinical_metrics(train_labels, num_classes, clinical_metrics):
+        out.update(metrics(scores, test_labels, num_classes))
+    return out

@@ -221,11 +221,16 @@ def knn(context: EvalContext, k: int = 20, temperature: float = 0.07) -> list[di
 
 @register_protocol("linear")
 def linear(context: EvalContext, weight_decays: tuple[float, ...] = (1e-4, 1e-3, 1e-2),
-           holdout_fraction: float = 0.1, max_iter: int = 100, batchnorm: bool = True) -> list[dict]:
-    """Logistic regression (L-BFGS) on frozen features; weight decay chosen on held-out train images."""
+           holdout_fraction: float = 0.1, max_iter: int = 100, batchnorm: bool = True,
+           clinical_metrics: str = "auto") -> list[dict]:
+    """Logistic regression (L-BFGS) on frozen features; weight decay chosen on held-out train images. Where
+    the labels call for them (``clinical_metrics``, :mod:`selfsup.eval.metrics`), also balanced accuracy,
+    macro AUC, Cohen's kappa and each class's accuracy."""
     f = context.frozen()
     scores = linear_probe(f.train_features, f.train_labels, f.test_features, f.test_labels,
-                          tuple(weight_decays), holdout_fraction, max_iter, batchnorm=batchnorm)
+                          tuple(weight_decays), holdout_fraction, max_iter, batchnorm=batchnorm,
+                          clinical_metrics=clinical_metrics)
     settings = dict(weight_decay=scores["weight_decay"], swept=list(weight_decays),
                     holdout_fraction=holdout_fraction, batchnorm=batchnorm, solver="lbfgs")
-    return [score_row("linear", metric, scores[metric], **settings) for metric in ("top1", "top5")]
+    metrics = ["top1", "top5"] + [m for m in scores if m not in ("top1", "top5", "weight_decay")]
+    return [score_row("linear", metric, scores[metric], **settings) for metric in metrics]

@@ -138,13 +138,14 @@ class IBOT(DINO):
         grid = views[0].shape[-2] // self.encoder.patch_size, views[0].shape[-1] // self.encoder.patch_size
         masks = torch.cat([blockwise_mask(len(views[0]), grid, self.mask_ratio, self.mask_probability,
                                           device=views[0].device) for _ in range(g)]).flatten(1)
-        tokens = self.encoder.encode_masked(torch.cat(views[:g]), masks, self.mask_token)
+        crops = torch.cat(views[:g])  # the global crops: masked for the student, whole for the teacher
+        tokens = self.encoder.encode_masked(crops, masks, self.mask_token)
         s_cls, s_patch = self.tokens_to_logits(tokens, self.head, self.patch_layer)
         s_cls = list(s_cls.chunk(g)) + [self.head(h) for h in self.encoder.encode_views(views[g:])]
         with torch.no_grad(), self.teacher.deterministic():
             t_encoder, t_head = self.teacher.copies[0], self.teacher.copies[1]
             t_patch_layer = self.teacher.copies[2] if len(self.teacher.copies) > 2 else t_head.last_layer
-            t_tokens = t_encoder.forward_tokens(torch.cat(views[:g]))
+            t_tokens = t_encoder.forward_tokens(crops)
             t_cls, t_patch = self.tokens_to_logits(t_tokens, t_head, t_patch_layer)
         temperature = self.scheduled(self.teacher_temp)
         cls_targets, patch_targets = self.teacher_targets(t_cls, t_patch, masks, temperature,

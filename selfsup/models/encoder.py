@@ -24,17 +24,17 @@ def _divisors_hint(image_size: int, patch_size: int) -> str:
 
 
 def _create(name: str, in_chans: int, image_size: int | None, patch_size: int | None,
-            kwargs: dict[str, Any], pretrained_file: str | None = None) -> nn.Module:
-    """``timm.create_model`` without a classifier; sizes go only to models that take them. With
-    ``pretrained_file``, timm loads that local weights file (``weights_only``), drops its classifier and
-    adapts the input channels and the position embeddings to this model."""
+            kwargs: dict[str, Any], pretrained: dict[str, Tensor] | None = None) -> nn.Module:
+    """``timm.create_model`` without a classifier; sizes go only to models that take them. With a
+    ``pretrained`` state dict, timm loads it as it loads pretrained weights: its classifier dropped, the input
+    channels and the position embeddings adapted to this model."""
     kwargs = dict(kwargs)
     dynamic = kwargs.pop("dynamic_img_size", None) or None  # ViTs only, like the sizes
     sizes = {k: v for k, v in (("img_size", image_size), ("patch_size", patch_size),
                                ("dynamic_img_size", dynamic)) if v is not None}
-    source = {"pretrained": pretrained_file is not None}
-    if pretrained_file is not None:
-        source["pretrained_cfg_overlay"] = {"file": pretrained_file}
+    source = {"pretrained": pretrained is not None}
+    if pretrained is not None:
+        source["pretrained_cfg_overlay"] = {"state_dict": dict(pretrained)}  # timm edits the dict it is given
     try:
         return timm.create_model(name, num_classes=0, in_chans=in_chans, **source, **kwargs, **sizes)
     except TypeError as err:
@@ -130,8 +130,9 @@ class Encoder(nn.Module):
         (a grayscale model sums the RGB filters), position embeddings resampled to this grid."""
         if self.config["cifar_stem"]:
             raise ValueError(f"{path!r}: timm weights do not fit the CIFAR stem (cifar_stem: true)")
+        state = timm.models.load_state_dict(str(path))  # read once (weights_only, safetensors or torch.save)
         try:
-            pretrained = _create(*self._timm_args, pretrained_file=str(path))
+            pretrained = _create(*self._timm_args, pretrained=state)
         except (RuntimeError, KeyError) as err:
             raise ValueError(f"the timm weights in {str(path)!r} do not fit {self.config['name']!r}: "
                              f"{str(err).strip()[:600]}") from err
@@ -140,7 +141,7 @@ class Encoder(nn.Module):
         classifier = pretrained.pretrained_cfg.get("classifier") or ()
         classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
         heads = tuple(f"{c}." for c in classifier)
-        in_file = {k for k in timm.models.load_state_dict(str(path)) if not k.startswith(heads)}
+        in_file = {k for k in state if not k.startswith(heads)}
         missing, unexpected = set(pretrained.state_dict()) - in_file, in_file - set(pretrained.state_dict())
         if missing or unexpected:
             raise ValueError(f"the timm weights in {str(path)!r} do not fit {self.config['name']!r}: missing "

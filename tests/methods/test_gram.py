@@ -150,7 +150,7 @@ def test_gram_settings_reach_checkpoints_as_plain_data_and_need_dynamic_sizes():
         DINOv2(fixed, out_dim=16, hidden_dim=16, bottleneck_dim=8, patch_out_dim=16, gram={"image_scale": 2.0})
 
 
-def test_two_ranks_equal_one_process_snapshot_included():
+def test_two_ranks_equal_one_process_with_the_gram_loss():
     """3 SGD steps with the Gram loss on 2 gloo ranks of 4 images end where 1 process on the 8 images ends,
     student and EMA teacher (the Gram loss is a per-image mean, so DDP's gradient mean is exact)."""
     from tests.helpers.methods import assert_teacher_ranks_match
